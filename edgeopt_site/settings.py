@@ -1,0 +1,201 @@
+"""EdgeOpt settings. Everything comes from the environment; a bad value stops start-up
+with ImproperlyConfigured instead of running with a silent default.
+
+    SECRET_KEY / SECRET_KEY_FILE   required unless DEBUG
+    DEBUG                          true|false (default true: the local dev setup)
+    ALLOWED_HOSTS                  comma list
+    DATABASE_URL                   sqlite:///path or postgres://... (default: BASE_DIR/db.sqlite3)
+    EDGEOPT_STORAGE_ROOT           where models/ and dataset/ live (default BASE_DIR)
+    EDGEOPT_MAX_UPLOAD_MB          larger uploads get 413 (default 200)
+    EDGEOPT_TASK_TIMEOUT           seconds one experiment may run in the worker (default 3600)
+    EDGEOPT_MAX_ATTEMPTS           runs of one experiment before it is marked failed (default 2)
+"""
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+def envbool(name: str, default: str) -> bool:
+    value = os.getenv(name, default).strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(f"{name} must be one of true/false/1/0/yes/no/on/off, not {value!r}")
+
+
+def envint(name: str, default: str, minimum: int = 0) -> int:
+    value = os.getenv(name, default).strip()
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, not {value!r}") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
+    return number
+
+
+def envlist(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.getenv(name, default).split(",") if item.strip()]
+
+
+def read_secret_key(debug: bool) -> str:
+    if key_file := os.getenv("SECRET_KEY_FILE"):
+        try:
+            return Path(key_file).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"SECRET_KEY_FILE {key_file!r} cannot be read: {exc}") from None
+    if key := os.getenv("SECRET_KEY"):
+        return key
+    if debug:
+        return "django-insecure-edgeopt-local-development-only"
+    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false")
+
+
+SQLITE_OPTIONS = {
+    # The web process and the worker write the same file: wait for the lock instead of
+    # failing, take the write lock when a transaction starts (no deadlocking upgrade from
+    # a read lock), and let readers run alongside the writer (WAL).
+    "timeout": 30,
+    "transaction_mode": "IMMEDIATE",
+    "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL",
+}
+
+
+def database_config(url: str, base_dir: Path) -> dict:
+    """The default database from a URL; only SQLite and PostgreSQL are supported."""
+    try:
+        config = dj_database_url.parse(url, conn_max_age=0)
+    except (ValueError, KeyError) as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL {url!r} cannot be parsed: {exc}") from None
+    engine = config.get("ENGINE", "")
+    if engine == "django.db.backends.sqlite3":
+        if not config.get("NAME") or config["NAME"] == ":memory:":
+            raise ImproperlyConfigured(
+                "DATABASE_URL must name a SQLite file: the web and the worker processes share it"
+            )
+        config["OPTIONS"] = dict(SQLITE_OPTIONS)
+        # A file, not memory: the end-to-end test points real server and worker processes at it.
+        config["TEST"] = {"NAME": str(base_dir / "test_db.sqlite3")}
+    elif engine == "django.db.backends.postgresql":
+        config.setdefault("OPTIONS", {})
+    else:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL uses {engine or 'an unknown engine'}; use sqlite:///path or postgres://..."
+        )
+    return config
+
+
+DEBUG = envbool("DEBUG", "true")
+SECRET_KEY = read_secret_key(DEBUG)
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "daphne",  # first: its runserver serves HTTP and WebSocket
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_q",
+    "channels",
+    "django_htmx",
+    "experiments",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "edgeopt_site.urls"
+WSGI_APPLICATION = "edgeopt_site.wsgi.application"
+ASGI_APPLICATION = "edgeopt_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": database_config(
+        os.getenv("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"), BASE_DIR
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The default needs no extra server. It does not cross processes, so progress from the
+# worker reaches the browser through the experiment_progress row (see consumers.py).
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+EDGEOPT_STORAGE_ROOT = Path(os.getenv("EDGEOPT_STORAGE_ROOT", str(BASE_DIR))).resolve()
+EDGEOPT_MAX_UPLOAD_MB = envint("EDGEOPT_MAX_UPLOAD_MB", "200", minimum=1)
+EDGEOPT_TASK_TIMEOUT = envint("EDGEOPT_TASK_TIMEOUT", "3600", minimum=1)
+EDGEOPT_MAX_ATTEMPTS = envint("EDGEOPT_MAX_ATTEMPTS", "2", minimum=1)
+
+# Uploads above this stream to a temporary file instead of memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+
+Q_CLUSTER = {
+    "name": "edgeopt",
+    "label": "EdgeOpt tasks",
+    "orm": "default",
+    # One experiment at a time: each one uses every core it gets.
+    "workers": 1,
+    "timeout": EDGEOPT_TASK_TIMEOUT,
+    # The ORM broker hands a claimed task out again after `retry` seconds; shorter than
+    # `timeout` would run a long experiment twice.
+    "retry": EDGEOPT_TASK_TIMEOUT + 600,
+    # Our task counts its own attempts (a worker that died is not counted by django-q2).
+    "max_attempts": 1,
+    "poll": 0.5,
+    "catch_up": False,
+    "ack_failures": True,
+    "save_limit": 250,
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.getenv("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "django_q": {"handlers": ["console"], "level": "INFO", "propagate": False},
+    },
+}

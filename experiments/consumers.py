@@ -1,0 +1,100 @@
+"""WS /ws/experiments/{id}: the experiment's progress, live.
+
+Why polling: the worker is another process (django-q2), and the default setup's in-memory
+channel layer does not cross processes. The `experiment_progress` row is the truth: the
+consumer sends it on connect (a reload or a late join is right at once) and then watches
+its `seq`, which grows on every write, sending each change. It also joins the group
+`experiment_<id>`, so where a real channel layer (Redis, PostgreSQL) is configured the
+worker's push wakes it at once instead of at the next poll.
+
+?format=html sends the monitor's partial (stable id, hx-swap-oob) instead of JSON, for
+htmx's ws extension.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from .models import Experiment, ExperimentProgress
+from .sink import group_name
+
+UNKNOWN_EXPERIMENT = 4404
+
+
+class ExperimentConsumer(AsyncWebsocketConsumer):
+    poll_interval = 0.25
+
+    async def connect(self):
+        self.experiment_id = int(self.scope["url_route"]["kwargs"]["experiment_id"])
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        self.as_html = query.get("format") == ["html"]
+        self.last_seq = -1
+        self.poller = None
+        self.lock = asyncio.Lock()
+        await self.accept()
+        if not await self._exists():
+            # Accept first so the browser receives the code (a refused handshake has none).
+            await self.close(code=UNKNOWN_EXPERIMENT)
+            return
+        # Joined only after the lookup, where an ownership check will go.
+        self.group = group_name(self.experiment_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        finished = await self.send_if_changed()
+        if not finished:
+            self.poller = asyncio.create_task(self.poll())
+
+    async def disconnect(self, code):
+        if self.poller:
+            self.poller.cancel()
+        if getattr(self, "group", None):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def poll(self):
+        while not await self.send_if_changed():
+            await asyncio.sleep(self.poll_interval)
+
+    async def experiment_changed(self, event):
+        """A push from the worker through a real channel layer: look now, not at the next poll."""
+        await self.send_if_changed()
+
+    async def send_if_changed(self) -> bool:
+        """Send the state if `seq` moved since the last send; True once it is final."""
+        async with self.lock:
+            seq, finished, payload = await self._snapshot(self.last_seq)
+            if seq is None:  # deleted while we watched
+                await self.close(code=UNKNOWN_EXPERIMENT)
+                return True
+            if payload is not None:
+                self.last_seq = seq
+                await self.send(text_data=payload)
+            return finished
+
+    @database_sync_to_async
+    def _exists(self) -> bool:
+        return Experiment.objects.filter(pk=self.experiment_id).exists()
+
+    @database_sync_to_async
+    def _snapshot(self, last_seq: int) -> tuple[int | None, bool, str | None]:
+        """(seq, finished, payload or None when nothing changed); seq None when the
+        experiment is gone. One cheap query while nothing changes."""
+        row = ExperimentProgress.objects.filter(experiment_id=self.experiment_id).values("seq", "status").first()
+        if row is None:
+            experiment = Experiment.objects.filter(pk=self.experiment_id).first()
+            if experiment is None:
+                return None, True, None
+            ExperimentProgress.publish(experiment, status=experiment.status)
+            row = ExperimentProgress.objects.filter(experiment=experiment).values("seq", "status").first()
+        finished = row["status"] in Experiment.FINISHED
+        if row["seq"] == last_seq:
+            return row["seq"], finished, None
+        experiment = Experiment.objects.select_related("progress").get(pk=self.experiment_id)
+        if self.as_html:
+            from .views import render_progress
+
+            return experiment.progress.seq, experiment.progress.is_finished, render_progress(experiment)
+        message = experiment.progress.to_message()
+        return message["seq"], message["status"] in Experiment.FINISHED, json.dumps(message)

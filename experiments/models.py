@@ -1,0 +1,439 @@
+"""The five tables: experiments, their per-technique runs, stored files, the
+recommendation and the live progress row the WebSocket reads."""
+from __future__ import annotations
+
+from django.db import models, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from optimization.base import FRAMEWORKS, TECHNIQUES
+
+FRAMEWORK_CHOICES = [(name, {"pytorch": "PyTorch", "tensorflow": "TensorFlow / Keras"}[name]) for name in FRAMEWORKS]
+TECHNIQUE_CHOICES = [(name, name) for name in TECHNIQUES]
+TARGET_DEVICES = [
+    ("rpi4", "Raspberry Pi 4"),
+    ("rpi5", "Raspberry Pi 5"),
+    ("rpi3b_plus", "Raspberry Pi 3B+"),
+    ("rpi_zero2w", "Raspberry Pi Zero 2 W"),
+    ("jetson_nano", "Jetson Nano (CPU)"),
+    ("host", "This machine"),
+]
+GOALS = [
+    ("balanced", "Balanced"),
+    ("min_size", "Smallest model"),
+    ("min_latency", "Fastest"),
+    ("max_accuracy", "Most accurate"),
+    ("min_energy", "Least energy"),
+]
+CONSTRAINT_NAMES = ("max_accuracy_drop", "max_size_mb", "max_latency_ms", "max_memory_mb", "max_energy_mj")
+
+
+STATUS_MESSAGES = {
+    "ready": "model ready",
+    "queued": "waiting for the worker",
+    "running": "starting",
+    "completed": "finished",
+    "stopped": "stopped by the user; finished techniques are kept",
+}
+
+
+def default_techniques() -> list[str]:
+    return list(TECHNIQUES)
+
+
+class InvalidTransition(Exception):
+    """The experiment is not in a state that allows this; the message says which states do."""
+
+
+class Experiment(models.Model):
+    """One model put through the chosen techniques.
+
+    States and the methods that move between them (anything else raises InvalidTransition)::
+
+        created  --attach_model()-->  ready
+        ready | completed | failed | stopped  --enqueue()-->  queued      (old runs cleared)
+        queued   --mark_running()-->  running                             (the worker took it)
+        running  --mark_running()-->  running                             (a retried attempt)
+        queued   --request_stop()-->  stopped                             (never started)
+        running  --request_stop()-->  running, stop_requested             (the worker stops soon)
+        running  --finish(status)-->  completed | failed | stopped
+        queued   --finish("failed")--> failed                             (gave up before running)
+
+    `attempts` counts how often the worker task started this run; django-q2 does not count
+    a worker that died, so the task does (see tasks.run_experiment).
+    """
+
+    class Status(models.TextChoices):
+        CREATED = "created"
+        READY = "ready"
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        STOPPED = "stopped"
+
+    STARTABLE = (Status.READY, Status.COMPLETED, Status.FAILED, Status.STOPPED)
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.COMPLETED, Status.FAILED, Status.STOPPED)
+
+    name = models.CharField(max_length=100)
+    framework = models.CharField(max_length=20, choices=FRAMEWORK_CHOICES)
+    target_device = models.CharField(max_length=30, choices=TARGET_DEVICES)
+    dataset = models.CharField(max_length=100, help_text='A preset name, or "custom" for an uploaded dataset.')
+    goal = models.CharField(max_length=20, choices=GOALS, default="balanced")
+    constraints = models.JSONField(default=dict, blank=True)
+    techniques = models.JSONField(default=default_techniques)
+    config = models.JSONField(
+        default=dict, blank=True, help_text="input_shape, architecture, preprocessing, per-technique budgets"
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.CREATED, db_index=True)
+    stop_requested = models.BooleanField(default=False)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    baseline = models.JSONField(null=True, blank=True)
+    analysis = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "experiments"
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.name}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    def _require(self, allowed, action: str) -> None:
+        if self.status not in allowed:
+            names = ", ".join(str(s) for s in allowed)
+            raise InvalidTransition(f"cannot {action} an experiment that is {self.status} (only when {names})")
+
+    def _try_move(self, allowed, status: str, progress: dict | None = None, **fields) -> bool:
+        """Move to `status` only if the row is still in one of `allowed` (one conditional
+        UPDATE: the web and the worker may race), then mirror it in the progress row."""
+        if not Experiment.objects.filter(pk=self.pk, status__in=allowed).update(status=status, **fields):
+            self.refresh_from_db(fields=["status", "stop_requested"])
+            return False
+        self.status = status
+        for name, value in fields.items():
+            setattr(self, name, value)
+        message = fields.get("error") or STATUS_MESSAGES.get(status, "")
+        ExperimentProgress.publish(self, status=status, message=message, **(progress or {}))
+        return True
+
+    def _move(self, allowed, status: str, action: str, progress: dict | None = None, **fields) -> None:
+        self._require(allowed, action)
+        if not self._try_move(allowed, status, progress, **fields):
+            self._require(allowed, action)  # another process moved it first: say to what
+
+    # -- transitions -------------------------------------------------------------------
+
+    def attach_model(self) -> None:
+        self._move((self.Status.CREATED, self.Status.READY, *self.FINISHED), self.Status.READY, "attach a model to")
+
+    def enqueue(self) -> None:
+        """Queue a run: clear the previous one, then hand the task to django-q2 once the
+        transaction commits (the worker must find the queued row)."""
+        self._require(self.STARTABLE, "start")
+        self.runs.all().delete()
+        Recommendation.objects.filter(experiment=self).delete()
+        from . import storage
+
+        for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
+            stored.delete_with_file()
+        storage.remove_tree(storage.optimized_dir(self.pk))
+        self._move(
+            self.STARTABLE, self.Status.QUEUED, "start",
+            progress={
+                "technique": "", "technique_index": 0, "technique_count": len(self.techniques),
+                "technique_progress": 0.0, "overall_progress": 0.0, "eta_seconds": None, "metrics": {},
+            },
+            stop_requested=False, attempts=0, error="", baseline=None, started_at=None, finished_at=None,
+        )
+        experiment_id = self.pk
+        transaction.on_commit(lambda: _enqueue_run(experiment_id))
+
+    def mark_running(self) -> None:
+        self._move(self.ACTIVE, self.Status.RUNNING, "run", started_at=self.started_at or timezone.now())
+
+    def request_stop(self) -> str:
+        """Stop a queued run at once; ask a running one to stop. Returns the status the
+        caller should report ("stopped" or "stopping")."""
+        self._require(self.ACTIVE, "stop")
+        if self._try_move((self.Status.QUEUED,), self.Status.STOPPED, finished_at=timezone.now()):
+            return "stopped"
+        if Experiment.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(stop_requested=True):
+            self.status, self.stop_requested = self.Status.RUNNING, True
+            return "stopping"
+        self.refresh_from_db(fields=["status"])  # it finished meanwhile
+        raise InvalidTransition(f"cannot stop an experiment that is {self.status}")
+
+    def finish(self, status: str, error: str = "") -> None:
+        if status not in self.FINISHED:
+            raise InvalidTransition(f"{status!r} is not a final status")
+        allowed = self.ACTIVE if status == self.Status.FAILED else (self.Status.RUNNING,)
+        self._move(allowed, status, f"finish ({status})", error=error, finished_at=timezone.now())
+
+    # -- files -------------------------------------------------------------------------
+
+    def source_model(self) -> ModelFile | None:
+        return self.files.filter(role__in=(ModelFile.Role.UPLOAD, ModelFile.Role.PRETRAINED)).first()
+
+    def dataset_file(self) -> ModelFile | None:
+        return self.files.filter(role=ModelFile.Role.DATASET).first()
+
+    def to_dict(self) -> dict:
+        progress = getattr(self, "progress", None)
+        model = self.source_model()
+        dataset_file = self.dataset_file()
+        return {
+            "id": self.pk,
+            "name": self.name,
+            "framework": self.framework,
+            "target_device": self.target_device,
+            "dataset": self.dataset,
+            "goal": self.goal,
+            "constraints": self.constraints,
+            "techniques": self.techniques,
+            "config": self.config,
+            "status": self.status,
+            "stop_requested": self.stop_requested,
+            "attempts": self.attempts,
+            "error": self.error or None,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "model": model.to_dict() if model else None,
+            "dataset_file": dataset_file.to_dict() if dataset_file else None,
+            "progress": progress.to_message() if progress else None,
+            "baseline": self.baseline,
+            "analysis": self.analysis,
+        }
+
+
+def _enqueue_run(experiment_id: int) -> None:
+    from django_q.tasks import async_task
+
+    async_task("experiments.tasks.run_experiment", experiment_id, task_name=f"experiment-{experiment_id}")
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+class OptimizationRun(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        SKIPPED = "skipped"
+        STOPPED = "stopped"
+
+    FINISHED = (Status.COMPLETED, Status.FAILED, Status.SKIPPED)
+    METRICS = (
+        "accuracy", "accuracy_drop", "size_bytes", "compression_ratio", "params", "macs",
+        "latency_ms", "speedup", "estimates", "constraints_met", "details",
+    )
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="runs")
+    technique = models.CharField(max_length=30, choices=TECHNIQUE_CHOICES)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    accuracy = models.FloatField(null=True, blank=True)
+    accuracy_drop = models.FloatField(null=True, blank=True, help_text="percentage points")
+    size_bytes = models.BigIntegerField(null=True, blank=True)
+    compression_ratio = models.FloatField(null=True, blank=True)
+    params = models.BigIntegerField(null=True, blank=True)
+    macs = models.FloatField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True, help_text="measured on the host")
+    speedup = models.FloatField(null=True, blank=True)
+    estimates = models.JSONField(default=dict, blank=True, help_text="estimated on the target device")
+    constraints_met = models.JSONField(default=dict, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "optimization_runs"
+        constraints = [models.UniqueConstraint(fields=["experiment", "technique"], name="one_run_per_technique")]
+
+    def __str__(self) -> str:
+        return f"{self.technique} of experiment {self.experiment_id}"
+
+    @property
+    def passed_all(self) -> bool | None:
+        return all(self.constraints_met.values()) if self.constraints_met else None
+
+    def artifact_files(self) -> dict[str, ModelFile]:
+        return {
+            stored.kind: stored
+            for stored in self.experiment.files.filter(role=ModelFile.Role.OPTIMIZED, technique=self.technique)
+        }
+
+    def to_dict(self) -> dict:
+        artifacts = self.artifact_files()
+        return {
+            "technique": self.technique,
+            "status": self.status,
+            **{name: getattr(self, name) for name in self.METRICS},
+            "artifacts": sorted(
+                artifacts[kind].format if kind == ModelFile.Kind.DEPLOY else kind for kind in artifacts
+            ),
+            "error": self.error or None,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+
+class ModelFile(models.Model):
+    """A file in storage; `path` is relative to EDGEOPT_STORAGE_ROOT."""
+
+    class Role(models.TextChoices):
+        UPLOAD = "upload"
+        BASELINE = "baseline"
+        OPTIMIZED = "optimized"
+        DATASET = "dataset"
+        PRETRAINED = "pretrained"
+
+    class Kind(models.TextChoices):
+        DEPLOY = "deploy"
+        NATIVE = "native"
+        SOURCE = "source"
+
+    experiment = models.ForeignKey(
+        Experiment, on_delete=models.CASCADE, related_name="files", null=True, blank=True
+    )
+    role = models.CharField(max_length=20, choices=Role.choices)
+    technique = models.CharField(max_length=30, choices=TECHNIQUE_CHOICES, null=True, blank=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.SOURCE)
+    format = models.CharField(max_length=20, help_text="file suffix without the dot")
+    path = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "model_files"
+        ordering = ["role", "technique", "kind"]
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def filename(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def absolute_path(self):
+        from . import storage
+
+        return storage.resolve(self.path)
+
+    def delete_with_file(self) -> None:
+        """Delete the row and its file; pretrained models are shared, only the row goes."""
+        from . import storage
+
+        if self.role != self.Role.PRETRAINED:
+            storage.remove_file(self.path)
+        self.delete()
+
+    def to_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "technique": self.technique,
+            "kind": self.kind,
+            "format": self.format,
+            "filename": self.filename,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+        }
+
+
+class Recommendation(models.Model):
+    experiment = models.OneToOneField(Experiment, on_delete=models.CASCADE, related_name="recommendation")
+    technique = models.CharField(max_length=30, choices=TECHNIQUE_CHOICES, blank=True)
+    reasoning = models.TextField()
+    satisfied = models.BooleanField(default=False)
+    ranking = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "recommendations"
+
+    def __str__(self) -> str:
+        return f"{self.technique or 'none'} for experiment {self.experiment_id}"
+
+    def to_dict(self) -> dict:
+        return {
+            "technique": self.technique or None,
+            "reasoning": self.reasoning,
+            "satisfied": self.satisfied,
+            "ranking": self.ranking,
+            "created_at": _iso(self.created_at),
+        }
+
+
+class ExperimentProgress(models.Model):
+    """The live state of an experiment, written by the worker and read by the WebSocket
+    consumer. `seq` grows on every write so a reader can tell that something changed."""
+
+    PROGRESS_FIELDS = (
+        "status", "technique", "technique_index", "technique_count", "technique_progress",
+        "overall_progress", "eta_seconds", "message", "metrics",
+    )
+
+    experiment = models.OneToOneField(Experiment, on_delete=models.CASCADE, related_name="progress")
+    status = models.CharField(max_length=20, default=Experiment.Status.CREATED)
+    technique = models.CharField(max_length=30, blank=True)
+    technique_index = models.PositiveIntegerField(default=0)
+    technique_count = models.PositiveIntegerField(default=0)
+    technique_progress = models.FloatField(default=0.0)
+    overall_progress = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    message = models.TextField(blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    seq = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "experiment_progress"
+        verbose_name_plural = "experiment progress"
+
+    def __str__(self) -> str:
+        return f"progress of experiment {self.experiment_id} (seq {self.seq})"
+
+    @classmethod
+    def publish(cls, experiment: Experiment, **fields) -> None:
+        """Write some fields and bump `seq` in one UPDATE (the web and the worker both
+        write); create the row if an older experiment has none."""
+        fields = {name: value for name, value in fields.items() if name in cls.PROGRESS_FIELDS}
+        if fields.get("status") == Experiment.Status.COMPLETED:
+            fields.update(overall_progress=1.0, technique_progress=1.0, eta_seconds=0.0)
+        updated = cls.objects.filter(experiment=experiment).update(
+            seq=F("seq") + 1, updated_at=timezone.now(), **fields
+        )
+        if not updated:
+            cls.objects.create(
+                experiment=experiment, technique_count=len(experiment.techniques), seq=1, **fields
+            )
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in Experiment.FINISHED
+
+    def to_message(self) -> dict:
+        """The WebSocket payload: "progress" while queued or running, "status" once final."""
+        return {
+            "type": "progress" if self.status in Experiment.ACTIVE else "status",
+            **{name: getattr(self, name) for name in self.PROGRESS_FIELDS},
+            "seq": self.seq,
+            "updated_at": _iso(self.updated_at),
+        }

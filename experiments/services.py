@@ -1,0 +1,336 @@
+"""What the JSON API and the pages both do: create, upload, start, stop, delete.
+
+Errors are ServiceError(message, status, field): the API turns them into {"error": ...},
+the pages into form errors. Nothing here imports torch or tensorflow: uploads are checked
+by extension, size, magic bytes and the engine's static (stdlib / h5py) checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from django.conf import settings
+from django.db import transaction
+
+from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
+
+from . import storage
+from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile
+
+UPLOAD_KINDS = ("model", "dataset")
+FRAMEWORK_LABELS = {"pytorch": "PyTorch", "tensorflow": "TensorFlow"}
+MAGIC = {
+    "zip": b"PK\x03\x04",
+    "hdf5": b"\x89HDF\r\n\x1a\n",
+}
+# What each suffix must contain. ONNX is a protobuf ModelProto whose first field is
+# ir_version (field 1, varint): byte 0x08.
+EXPECTED_CONTENT = {
+    ".pt2": ("zip",),
+    ".pt": ("zip",),
+    ".pth": ("zip", "pickle"),
+    ".onnx": ("onnx",),
+    ".keras": ("zip",),
+    ".h5": ("hdf5",),
+    ".zip": ("zip",),
+    ".npz": ("zip",),
+}
+CONTENT_WORDS = {"zip": "a zip archive", "hdf5": "an HDF5 file", "pickle": "a pickle", "onnx": "an ONNX model"}
+NPZ_KEY_SETS = ({"x.npy", "y.npy"}, {"x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy"})
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+CHUNK = 1024 * 1024
+
+
+class ServiceError(Exception):
+    def __init__(self, message: str, status: int = 400, field: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.field = message, status, field
+
+
+def max_upload_bytes() -> int:
+    return settings.EDGEOPT_MAX_UPLOAD_MB * 1024 * 1024
+
+
+# -- uploads -------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckedUpload:
+    """An upload that passed every check, waiting in storage's temp folder to be placed."""
+
+    kind: str
+    suffix: str
+    temp_path: Path
+    size_bytes: int
+    sha256: str
+    options: dict = field(default_factory=dict)  # input_shape / architecture for the config
+
+    def discard(self) -> None:
+        self.temp_path.unlink(missing_ok=True)
+
+
+def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
+    return storage.MODEL_SUFFIXES[framework] if kind == "model" else storage.DATASET_SUFFIXES
+
+
+def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
+                 architecture: str = "") -> CheckedUpload:
+    """Copy the upload into storage's temp folder and check it; raise ServiceError (400 or
+    413) and keep nothing when it is refused."""
+    kind = kind or "model"
+    if kind not in UPLOAD_KINDS:
+        raise ServiceError(f"kind must be 'model' or 'dataset', not {kind!r}", field="kind")
+    suffix = Path(uploaded.name or "").suffix.lower()
+    allowed = allowed_suffixes(framework, kind)
+    what = f"a {FRAMEWORK_LABELS[framework]} model" if kind == "model" else "a dataset"
+    if suffix not in allowed:
+        raise ServiceError(f"{what} must be one of {', '.join(allowed)}; got {uploaded.name!r}", field="file")
+    if uploaded.size > max_upload_bytes():
+        raise ServiceError(
+            f"the file is {uploaded.size / 2**20:.1f} MB; uploads are limited to "
+            f"{settings.EDGEOPT_MAX_UPLOAD_MB} MB", status=413, field="file")
+    options = _model_options(suffix, input_shape, architecture) if kind == "model" else {}
+
+    handle, name = tempfile.mkstemp(suffix=suffix, prefix="upload-", dir=storage.temp_dir())
+    temp_path = Path(name)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(handle, "wb") as out:
+            for chunk in uploaded.chunks(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        if size == 0:
+            raise ServiceError(f"{uploaded.name!r} is empty", field="file")
+        _check_content(temp_path, suffix, kind, framework, uploaded.name)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return CheckedUpload(kind, suffix, temp_path, size, digest.hexdigest(), options)
+
+
+def parse_input_shape(text) -> list[int]:
+    """"1,8,8" or [1, 8, 8] -> [1, 8, 8]: one sample's shape, without the batch."""
+    parts = text if isinstance(text, list) else [p for p in str(text).replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        shape = []
+    if not 1 <= len(shape) <= 4 or any(n < 1 or n > 100_000 for n in shape):
+        raise ServiceError(
+            f"input_shape must be 1 to 4 positive integers like 1,28,28 (one sample, no batch); got {text!r}",
+            field="input_shape")
+    return shape
+
+
+def _model_options(suffix: str, input_shape: str, architecture: str) -> dict:
+    options = {}
+    if input_shape:
+        options["input_shape"] = parse_input_shape(input_shape)
+    if architecture:
+        if not storage.SAFE_NAME.match(architecture):
+            raise ServiceError(f"architecture {architecture!r} is not a valid name", field="architecture")
+        options["architecture"] = architecture
+    if suffix == ".pth" and "architecture" not in options:
+        raise ServiceError(
+            "a .pth file holds only weights (a state_dict): name its architecture in the "
+            "'architecture' field, or upload a torch.export .pt2 or TorchScript .pt instead",
+            field="architecture")
+    return options
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for name, magic in MAGIC.items():
+        if head.startswith(magic):
+            return name
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head[:1] == b"\x08":
+        return "onnx"
+    return "unknown"
+
+
+def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> None:
+    expected = EXPECTED_CONTENT[suffix]
+    if _sniff(path) not in expected:
+        words = " or ".join(CONTENT_WORDS[c] for c in expected)
+        raise ServiceError(f"{original_name!r} is not a valid {suffix} file: it should be {words}", field="file")
+    if "zip" in expected and _sniff(path) == "zip":
+        _check_zip_layout(path, suffix, kind, original_name)
+    try:
+        if suffix in (".pt", ".pt2", ".pth"):
+            from optimization.safety.pickle_scan import check_torch_archive
+
+            check_torch_archive(path)
+        elif suffix in (".keras", ".h5"):
+            from optimization.safety.keras_check import check_keras_file
+
+            check_keras_file(path)
+    except (UnsafeModelError, InvalidInputError) as exc:
+        raise ServiceError(str(exc).replace(path.name, original_name), field="file") from None
+
+
+def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) -> None:
+    """Entries stay inside the archive, and the archive holds what its kind needs. The
+    engine extracts with its own safe extractor; this refuses the obvious early."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist()]
+    except zipfile.BadZipFile:
+        raise ServiceError(f"{original_name!r} is not a readable zip archive", field="file") from None
+    for name in names:
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+            raise ServiceError(f"{original_name!r}: entry {name!r} points outside the archive", field="file")
+    files = {PurePosixPath(n) for n in names if not n.endswith("/")}
+    if suffix == ".npz" and not any(keys <= {p.name for p in files} for keys in NPZ_KEY_SETS):
+        raise ServiceError(
+            f"{original_name!r} must hold arrays x_train y_train x_test y_test (or x y)", field="file")
+    if suffix == ".zip" and kind == "dataset":
+        classes = {p.parent.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+        if len(classes) < 2:
+            raise ServiceError(
+                f"{original_name!r} must be a zip of class folders of images (ImageFolder): "
+                "at least two folders with .png/.jpg files", field="file")
+    if suffix == ".zip" and kind == "model" and not any(p.name == "saved_model.pb" for p in files):
+        raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
+
+
+def place_upload(experiment: Experiment, checked: CheckedUpload) -> ModelFile:
+    """Move a checked upload into storage and record it; the previous file of the same
+    role is replaced only now, so a refused upload never loses the one before."""
+    if experiment.is_active:
+        checked.discard()
+        raise ServiceError(f"the experiment is {experiment.status}; stop it before uploading", status=409)
+    stem = storage.upload_stem(experiment.pk, experiment.name)
+    if checked.kind == "model":
+        final = storage.custom_model_path(experiment.framework, stem, checked.suffix)
+        roles = (ModelFile.Role.UPLOAD, ModelFile.Role.PRETRAINED)
+    else:
+        final = storage.custom_dataset_path(experiment.framework, stem, checked.suffix)
+        roles = (ModelFile.Role.DATASET,)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    relative = storage.relative(final)
+    with transaction.atomic():
+        previous = list(experiment.files.filter(role__in=roles))
+        os.replace(checked.temp_path, final)
+        for stored in previous:
+            if stored.path == relative:
+                stored.delete()
+            else:
+                stored.delete_with_file()
+        stored = ModelFile.objects.create(
+            experiment=experiment,
+            role=ModelFile.Role.UPLOAD if checked.kind == "model" else ModelFile.Role.DATASET,
+            kind=ModelFile.Kind.SOURCE, format=checked.suffix.lstrip("."), path=relative,
+            size_bytes=checked.size_bytes, sha256=checked.sha256,
+        )
+        if checked.kind == "model":
+            experiment.config = {**experiment.config, **checked.options}
+            experiment.save(update_fields=["config"])
+            experiment.attach_model()
+        else:
+            experiment.dataset = "custom"
+            experiment.save(update_fields=["dataset"])
+    return stored
+
+
+def upload(experiment: Experiment, uploaded, kind: str = "model", input_shape: str = "",
+           architecture: str = "") -> ModelFile:
+    if experiment.is_active:
+        raise ServiceError(f"the experiment is {experiment.status}; stop it before uploading", status=409)
+    checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture)
+    return place_upload(experiment, checked)
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@transaction.atomic
+def create_experiment(data: dict) -> Experiment:
+    """`data` is the cleaned data of forms.ExperimentForm (pretrained_path resolved there)."""
+    experiment = Experiment.objects.create(
+        name=data["name"],
+        framework=data["framework"],
+        target_device=data["target_device"],
+        dataset=data["dataset"],
+        goal=data.get("goal") or "balanced",
+        constraints=data.get("constraints") or {},
+        techniques=data.get("techniques") or list(TECHNIQUES),
+        config=data.get("config") or {},
+    )
+    ExperimentProgress.objects.create(
+        experiment=experiment, status=experiment.status, technique_count=len(experiment.techniques)
+    )
+    if pretrained := data.get("pretrained_path"):
+        ModelFile.objects.create(
+            experiment=experiment, role=ModelFile.Role.PRETRAINED, kind=ModelFile.Kind.SOURCE,
+            format=pretrained.suffix.lstrip("."), path=storage.relative(pretrained),
+            size_bytes=pretrained.stat().st_size, sha256=sha256_of(pretrained),
+        )
+        experiment.attach_model()
+    return experiment
+
+
+def start_experiment(experiment: Experiment) -> None:
+    if experiment.source_model() is None:
+        raise ServiceError("upload a model (or create the experiment with a pretrained_model) first", 409)
+    if experiment.dataset == "custom" and experiment.dataset_file() is None:
+        raise ServiceError("the dataset is 'custom': upload it (kind=dataset) before starting", 409)
+    with transaction.atomic():
+        try:
+            experiment.enqueue()
+        except InvalidTransition as exc:
+            raise ServiceError(str(exc), 409) from None
+
+
+def stop_experiment(experiment: Experiment) -> str:
+    try:
+        return experiment.request_stop()
+    except InvalidTransition as exc:
+        raise ServiceError(str(exc), 409) from None
+
+
+def delete_experiment(experiment: Experiment) -> None:
+    if experiment.is_active:
+        raise ServiceError(f"the experiment is {experiment.status}; stop it before deleting it", 409)
+    with transaction.atomic():
+        for stored in experiment.files.all():
+            stored.delete_with_file()
+        storage.remove_tree(storage.optimized_dir(experiment.pk))
+        experiment.delete()
+
+
+def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experiment:
+    """The setup page in one step: check the uploads, then create, place and start
+    together so a refused file leaves no half-made experiment behind."""
+    checked = []
+    try:
+        if model_file:
+            checked.append(check_upload(data["framework"], model_file, "model",
+                                        data.get("input_shape", ""), data.get("architecture", "")))
+        if dataset_file:
+            checked.append(check_upload(data["framework"], dataset_file, "dataset"))
+        with transaction.atomic():
+            experiment = create_experiment(data)
+            for upload_ in checked:
+                place_upload(experiment, upload_)
+            start_experiment(experiment)
+    finally:
+        for upload_ in checked:
+            upload_.discard()
+    return experiment

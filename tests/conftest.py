@@ -1,0 +1,145 @@
+"""Shared fixtures: a storage folder per test, persona clients, experiments in each state,
+and tiny model files made once per session (no training)."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_BODY = {"name": "digits demo", "framework": "pytorch", "target_device": "rpi4", "dataset": "digits",
+             "goal": "balanced", "constraints": {"max_accuracy_drop": 1.0}}
+
+
+@pytest.fixture(autouse=True)
+def storage_root(request, tmp_path):
+    """Every test gets its own storage, so nothing touches the project's models/ or dataset/.
+    Engine tests run without pytest-django (-p no:django) and need no settings."""
+    root = tmp_path / "storage"
+    root.mkdir()
+    if request.config.pluginmanager.hasplugin("django"):
+        request.getfixturevalue("settings").EDGEOPT_STORAGE_ROOT = root
+    return root
+
+
+@pytest.fixture
+def anonymous(client):
+    """A visitor or script without an account: the only persona until accounts exist."""
+    return client
+
+
+class RunsCode:
+    """Pickling this stores a call to os.system: loading the file would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory):
+    """Tiny real PyTorch files: TorchScript .pt, a state_dict .pth, a pickled whole model and
+    a .pth whose pickle would run a shell command (with the marker it would create)."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("models")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    torch.jit.save(torch.jit.script(net), folder / "tiny.pt")
+    torch.save(net.state_dict(), folder / "weights.pth")
+    torch.save(net, folder / "whole_model.pth")
+    marker = folder / "code-ran"
+    torch.save({"weights": RunsCode(marker)}, folder / "trojan.pth")
+    (folder / "trojan_legacy.pth").write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
+    return {"pt": folder / "tiny.pt", "state_dict": folder / "weights.pth", "whole": folder / "whole_model.pth",
+            "trojan": folder / "trojan.pth", "trojan_legacy": folder / "trojan_legacy.pth", "marker": marker}
+
+
+def upload_file(path: Path, name: str | None = None) -> SimpleUploadedFile:
+    return SimpleUploadedFile(name or path.name, path.read_bytes())
+
+
+def npz_bytes() -> bytes:
+    """A dataset archive with the x/y arrays the API asks for."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((4, 8, 8, 1), dtype=np.float32), y=np.arange(4))
+    return buffer.getvalue()
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def pretrained_model(storage_root, model_files):
+    """A 'digits_cnn' in models/pretrained/pytorch/, as seed_demo would leave it."""
+    folder = storage_root / "models" / "pretrained" / "pytorch"
+    folder.mkdir(parents=True)
+    path = folder / "digits_cnn.pt"
+    path.write_bytes(model_files["pt"].read_bytes())
+    return path
+
+
+@pytest.fixture
+def new_experiment(db):
+    """An experiment without a model (status created)."""
+    from experiments import services
+    from experiments.forms import ExperimentForm
+
+    def make(**overrides):
+        form = ExperimentForm(data={**DEMO_BODY, **overrides})
+        assert form.is_valid(), form.errors
+        return services.create_experiment(form.cleaned_data)
+
+    return make
+
+
+@pytest.fixture
+def ready_experiment(new_experiment, pretrained_model):
+    """An experiment with the pretrained model attached (status ready)."""
+    return new_experiment(pretrained_model="digits_cnn")
+
+
+@pytest.fixture
+def finished_experiment(ready_experiment, storage_root):
+    """A completed experiment with one run, its two artifacts and a recommendation, written
+    through the same sink the worker uses."""
+    from experiments.models import Experiment
+    from experiments.sink import DjangoSink
+
+    experiment = ready_experiment
+    experiment.enqueue()
+    experiment.mark_running()
+    sink = DjangoSink(experiment)
+    output = sink.output_dir
+    output.mkdir(parents=True)
+    (output / "ptq_int8.onnx").write_bytes(b"\x08\x07onnx-bytes")
+    (output / "ptq_int8.pt2").write_bytes(b"PK\x03\x04native")
+    (output / "baseline.onnx").write_bytes(b"\x08\x07baseline")
+    sink.baseline({"accuracy": 0.95, "size_bytes": 4000, "latency_ms": 0.5, "params": 650, "macs": 640,
+                   "estimates": {"device": "rpi4", "latency_ms": 1.0, "memory_mb": 2.0, "energy_mj": 3.0},
+                   "artifacts": {"deploy": output / "baseline.onnx", "native": experiment.source_model().absolute_path()}})
+    sink.run_started("ptq_int8")
+    sink.run_finished("ptq_int8", {
+        "status": "completed", "accuracy": 0.94, "accuracy_drop": 1.0, "size_bytes": 1100,
+        "compression_ratio": 3.6, "params": 650, "macs": 640, "latency_ms": 0.3, "speedup": 1.7,
+        "estimates": {"device": "rpi4", "latency_ms": 0.6, "memory_mb": 1.0, "energy_mj": 1.5},
+        "constraints_met": {"max_accuracy_drop": True}, "details": {"bits": 8}, "error": None,
+        "artifacts": {"deploy": output / "ptq_int8.onnx", "native": output / "ptq_int8.pt2"}})
+    sink.recommendation({"technique": "ptq_int8", "reasoning": "ptq_int8 is 3.6x smaller and loses 1.0 point.",
+                         "satisfied": True, "ranking": [{"technique": "ptq_int8", "score": 1.0}]})
+    experiment.refresh_from_db()
+    experiment.finish(Experiment.Status.COMPLETED)
+    return experiment

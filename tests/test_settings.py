@@ -1,0 +1,83 @@
+"""Settings come from the environment and refuse bad values at start-up."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from edgeopt_site.settings import database_config, envbool, envint
+from tests.conftest import ROOT
+
+
+def import_settings(**env) -> subprocess.CompletedProcess:
+    """Import the settings module in a fresh interpreter with these environment variables."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("DEBUG", "DATABASE_URL", "SECRET_KEY", "SECRET_KEY_FILE", "EDGEOPT_MAX_UPLOAD_MB")}
+    return subprocess.run([sys.executable, "-c", "import edgeopt_site.settings"], cwd=ROOT,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_debug_maybe_stops_start_up():
+    result = import_settings(DEBUG="maybe")
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: DEBUG must be one of" in result.stderr
+
+
+def test_unsupported_database_url_stops_start_up():
+    result = import_settings(DATABASE_URL="mysql://user@localhost/edgeopt")
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+
+
+def test_production_without_secret_key_stops_start_up():
+    result = import_settings(DEBUG="false")
+
+    assert result.returncode != 0
+    assert "SECRET_KEY" in result.stderr
+
+
+def test_production_with_a_secret_key_file_starts(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("a-real-secret\n")
+
+    assert import_settings(DEBUG="false", SECRET_KEY_FILE=str(key_file)).returncode == 0
+
+
+@pytest.mark.parametrize("url", ["nonsense://x", "mysql://u@h/db", "sqlite://:memory:"])
+def test_database_config_refuses_unsupported_urls(url, tmp_path):
+    with pytest.raises(ImproperlyConfigured):
+        database_config(url, tmp_path)
+
+
+def test_sqlite_is_set_up_for_a_web_and_a_worker_process(tmp_path):
+    config = database_config(f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
+
+    assert config["TEST"]["NAME"] == str(tmp_path / "test_db.sqlite3")
+    assert config["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+    assert "journal_mode=WAL" in config["OPTIONS"]["init_command"]
+
+
+def test_postgres_url_uses_the_postgresql_backend(tmp_path):
+    config = database_config("postgres://edge:pw@db:5432/edgeopt", tmp_path)
+
+    assert config["ENGINE"] == "django.db.backends.postgresql"
+    assert (config["NAME"], config["HOST"], config["PORT"]) == ("edgeopt", "db", 5432)
+
+
+@pytest.mark.parametrize("helper, value", [(envbool, "maybe"), (envint, "ten"), (envint, "-1")])
+def test_env_helpers_refuse_bad_values(monkeypatch, helper, value):
+    monkeypatch.setenv("EDGEOPT_SOMETHING", value)
+
+    with pytest.raises(ImproperlyConfigured):
+        helper("EDGEOPT_SOMETHING", "1")
+
+
+def test_the_task_retry_outlasts_its_timeout():
+    assert settings.Q_CLUSTER["retry"] > settings.Q_CLUSTER["timeout"]
+    assert settings.Q_CLUSTER["orm"] == "default"

@@ -1,0 +1,190 @@
+"""Uploads: extension, size, magic bytes and the engine's static safety checks, and a
+refused upload never costs the model that was already stored."""
+from __future__ import annotations
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from experiments.models import Experiment, ModelFile
+from tests.conftest import npz_bytes, upload_file, zip_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def upload(client, experiment, file, **fields):
+    return client.post(f"/api/experiments/{experiment.pk}/upload", {"file": file, **fields})
+
+
+def stored_files(storage_root):
+    return sorted(p.relative_to(storage_root).as_posix() for p in storage_root.rglob("*") if p.is_file())
+
+
+def test_torchscript_upload_makes_the_experiment_ready(anonymous, new_experiment, model_files, storage_root):
+    experiment = new_experiment(name="My CNN!")
+
+    response = upload(anonymous, experiment, upload_file(model_files["pt"], "../../evil name.pt"))
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["status"] == "ready"
+    stored = ModelFile.objects.get(experiment=experiment, role="upload")
+    assert stored.path == f"models/custom/pytorch/exp{experiment.pk}_my-cnn.pt"
+    assert (storage_root / stored.path).read_bytes() == model_files["pt"].read_bytes()
+    assert not list((storage_root / "models" / ".incoming").iterdir()), "the temp copy is moved, not left behind"
+
+
+def test_state_dict_upload_with_architecture_and_input_shape_is_accepted(anonymous, new_experiment, model_files):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, upload_file(model_files["state_dict"]),
+                      architecture="digits_cnn", input_shape="1,8,8")
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["config"] == {"architecture": "digits_cnn", "input_shape": [1, 8, 8]}
+
+
+def test_state_dict_upload_without_architecture_returns_400_saying_what_to_do(anonymous, new_experiment, model_files):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, upload_file(model_files["state_dict"]))
+
+    assert response.status_code == 400
+    assert "architecture" in response.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["model.exe", "model.keras", "model", "weights.npz"])
+def test_upload_with_a_wrong_extension_returns_400(anonymous, new_experiment, model_files, name):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, upload_file(model_files["pt"], name))
+
+    assert response.status_code == 400
+    assert ".pt2" in response.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pt2", "model.onnx"])
+def test_upload_of_garbage_bytes_returns_400(anonymous, new_experiment, name):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, SimpleUploadedFile(name, b"this is not a model at all"))
+
+    assert response.status_code == 400
+    assert "not a valid" in response.json()["error"]
+    assert Experiment.objects.get(pk=experiment.pk).status == "created"
+
+
+def test_garbage_keras_and_h5_uploads_return_400(anonymous, new_experiment):
+    experiment = new_experiment(framework="tensorflow")
+
+    for name in ("model.keras", "model.h5"):
+        response = upload(anonymous, experiment, SimpleUploadedFile(name, b"\x00" * 64))
+        assert response.status_code == 400
+
+
+def test_oversized_upload_returns_413(anonymous, new_experiment, settings):
+    settings.EDGEOPT_MAX_UPLOAD_MB = 1
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, SimpleUploadedFile("big.pt", b"PK\x03\x04" + b"\x00" * (2 * 2**20)))
+
+    assert response.status_code == 413
+    assert "1 MB" in response.json()["error"]
+
+
+@pytest.mark.parametrize("file_key", ["whole", "trojan", "trojan_legacy"])
+def test_pickled_whole_model_or_code_returns_400_and_runs_nothing(anonymous, new_experiment, model_files, file_key):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, upload_file(model_files[file_key], "model.pth"),
+                      architecture="digits_cnn")
+
+    assert response.status_code == 400
+    assert response.json()["error"]
+    assert not model_files["marker"].exists(), "the pickle's code must never run"
+    assert not ModelFile.objects.filter(experiment=experiment).exists()
+
+
+def test_a_second_bad_upload_keeps_the_first_good_model(anonymous, new_experiment, model_files, storage_root):
+    experiment = new_experiment()
+    assert upload(anonymous, experiment, upload_file(model_files["pt"])).status_code == 200
+    before = stored_files(storage_root)
+
+    response = upload(anonymous, experiment, SimpleUploadedFile("model.pt", b"PK\x03\x04 broken zip"))
+
+    assert response.status_code == 400
+    assert stored_files(storage_root) == before
+    experiment.refresh_from_db()
+    assert experiment.status == "ready"
+    assert experiment.source_model().absolute_path().read_bytes() == model_files["pt"].read_bytes()
+
+
+def test_a_new_model_replaces_the_pretrained_one_and_keeps_the_shared_file(
+        anonymous, ready_experiment, model_files, pretrained_model):
+    response = upload(anonymous, ready_experiment, upload_file(model_files["pt"]))
+
+    assert response.status_code == 200
+    assert response.json()["model"]["role"] == "upload"
+    assert pretrained_model.exists()
+
+
+def test_npz_dataset_upload_switches_the_experiment_to_custom(anonymous, ready_experiment, storage_root):
+    response = upload(anonymous, ready_experiment, SimpleUploadedFile("mine.npz", npz_bytes()), kind="dataset")
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["dataset"] == "custom"
+    stored = ModelFile.objects.get(experiment=ready_experiment, role="dataset")
+    assert stored.path.startswith(f"dataset/custom/pytorch/exp{ready_experiment.pk}_")
+    assert (storage_root / stored.path).is_file()
+
+
+@pytest.mark.parametrize("name, data", [
+    ("data.npz", zip_bytes({"a.npy": b"1"})),
+    ("images.zip", zip_bytes({"only/one.png": b"1"})),
+    ("images.zip", zip_bytes({"../escape/a.png": b"1", "b/b.png": b"2"})),
+    ("data.csv", b"1,2,3"),
+])
+def test_malformed_dataset_upload_returns_400(anonymous, ready_experiment, name, data):
+    response = upload(anonymous, ready_experiment, SimpleUploadedFile(name, data), kind="dataset")
+
+    assert response.status_code == 400
+    assert response.json()["error"]
+
+
+def test_tensorflow_savedmodel_zip_without_saved_model_pb_returns_400(anonymous, new_experiment):
+    experiment = new_experiment(framework="tensorflow")
+
+    response = upload(anonymous, experiment, SimpleUploadedFile("model.zip", zip_bytes({"variables/x": b"1"})))
+
+    assert response.status_code == 400
+    assert "saved_model.pb" in response.json()["error"]
+
+
+def test_upload_while_running_returns_409(anonymous, ready_experiment, model_files):
+    ready_experiment.enqueue()
+
+    response = upload(anonymous, ready_experiment, upload_file(model_files["pt"]))
+
+    assert response.status_code == 409
+
+
+def test_upload_with_unknown_kind_returns_400(anonymous, new_experiment, model_files):
+    experiment = new_experiment()
+
+    response = upload(anonymous, experiment, upload_file(model_files["pt"]), kind="weights")
+
+    assert response.status_code == 400
+    assert "kind" in response.json()["error"]
+
+
+def test_oversized_file_is_refused_by_the_service_too(settings, storage_root):
+    """The pages post through CSRF middleware, which reads the body first: the size check
+    in the service catches what the API's Content-Length check cannot."""
+    from experiments.services import ServiceError, check_upload
+
+    settings.EDGEOPT_MAX_UPLOAD_MB = 1
+
+    with pytest.raises(ServiceError) as refused:
+        check_upload("pytorch", SimpleUploadedFile("big.pt", b"PK\x03\x04" + b"\x00" * (2 * 2**20)))
+
+    assert refused.value.status == 413
+    assert not (storage_root / "models" / ".incoming").exists() or not any(
+        (storage_root / "models" / ".incoming").iterdir())
