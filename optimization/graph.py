@@ -1,0 +1,495 @@
+"""A small framework-neutral op graph read from deploy files (.onnx, .tflite).
+
+The analyzer and the estimator work on this list of ops, never on a framework object, so
+both stay pure and cheap. Each `Op` is one kernel as the runtime would run it: a Conv
+followed by BatchNorm and Relu/Clip is one fused conv, quantize/dequantize pairs around a
+quantized op are folded into that op, reshape-like ops are kept (they cost a dispatch).
+
+Only `onnx` (ONNX files) and the flatbuffer schema shipped with LiteRT (TFLite files) are
+imported, and only inside the reader that needs them.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KERNEL_CLASSES = ("conv", "depthwise", "conv1x1", "fc", "elementwise", "pool", "other")
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+WEIGHTED_CLASSES = ("conv", "depthwise", "conv1x1", "fc")
+
+
+@dataclass
+class Op:
+    name: str
+    op_type: str  # the file's own operator name (Conv, CONV_2D, QLinearConv, ...)
+    kind: str  # one of KERNEL_CLASSES
+    inputs: list[str]  # activation tensors read (constants excluded)
+    outputs: list[str]
+    output_shape: list[int]
+    activation_bytes: int  # bytes of the output tensor(s)
+    params: int = 0
+    macs: int = 0
+    weight_bytes: int = 0  # at storage width
+    precision: str = "fp32"  # compute precision of this kernel
+    weight_bits: int = 32
+    fused: list[str] = field(default_factory=list)  # op types folded into this kernel
+    kernel: tuple[int, ...] = ()  # spatial kernel size of convolutions
+    strides: tuple[int, ...] = ()
+
+    @property
+    def winograd_eligible(self) -> bool:
+        """A dense 3x3 stride-1 convolution, which some runtimes compute with Winograd transforms."""
+        return self.kind == "conv" and self.kernel == (3, 3) and all(s == 1 for s in self.strides)
+
+    def as_layer(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.kind,
+            "op_type": self.op_type,
+            "params": self.params,
+            "macs": self.macs,
+            "output_shape": self.output_shape,
+            "activation_bytes": self.activation_bytes,
+            "weight_bytes": self.weight_bytes,
+            "precision": self.precision,
+            "fused": self.fused,
+        }
+
+
+@dataclass
+class Graph:
+    ops: list[Op]
+    tensor_bytes: dict[str, int]  # every activation tensor, including graph inputs
+    tensor_elements: dict[str, int]
+    inputs: list[str]
+    outputs: list[str]
+    input_shape: list[int]
+    source_format: str  # "onnx" / "tflite"
+
+    @property
+    def runtime(self) -> str:
+        return "tflite" if self.source_format == "tflite" else "onnxruntime"
+
+    @property
+    def params(self) -> int:
+        return sum(op.params for op in self.ops)
+
+    @property
+    def macs(self) -> int:
+        return sum(op.macs for op in self.ops)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(op.weight_bytes for op in self.ops)
+
+    @property
+    def precision(self) -> str:
+        """The precision that carries most of the MACs (fp32 for a graph without MACs)."""
+        by_macs = Counter()
+        for op in self.ops:
+            if op.kind in WEIGHTED_CLASSES:
+                by_macs[op.precision] += max(op.macs, 1)
+        return by_macs.most_common(1)[0][0] if by_macs else "fp32"
+
+
+def load_graph(path: str | Path) -> Graph:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return read_onnx(path)
+    if suffix == ".tflite":
+        return read_tflite(path)
+    raise ValueError(f"cannot read {path.name}: the graph reader takes .onnx or .tflite files")
+
+
+def _prod(shape) -> int:
+    return int(math.prod(max(int(d), 1) for d in shape)) if shape else 1
+
+
+def _conv_kind(kernel_hw: tuple[int, int], groups: int, in_channels: int) -> str:
+    if groups > 1 and groups == in_channels:
+        return "depthwise"
+    if kernel_hw == (1, 1) and groups == 1:
+        return "conv1x1"
+    return "conv"
+
+
+# ---------------------------------------------------------------- ONNX
+
+_ONNX_ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "LeakyRelu", "PRelu", "Elu", "Selu", "Gelu", "Erf", "Sqrt", "Pow", "Exp", "Neg", "Abs", "Max",
+    "Min", "BatchNormalization", "Cast", "Where", "Equal", "Softplus", "Mish",
+}
+_ONNX_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "QLinearAveragePool",
+              "QLinearGlobalAveragePool"}
+# Folded into the producing conv/fc when it is that kernel's only consumer.
+_ONNX_FUSABLE = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh"}
+_ONNX_ALIASES = {"Identity", "Dropout"}
+_ONNX_DTYPE_BITS = {1: 32, 2: 8, 3: 8, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 16: 16, 21: 4, 22: 4}
+
+
+def read_onnx(path: Path) -> Graph:
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # a model shape inference cannot finish still has its declared shapes
+        pass
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    constants = dict(initializers)
+    for node in graph.node:  # Constant nodes are weights too (some exporters emit them)
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
+            constants[node.output[0]] = node.attribute[0].t
+
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, int] = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
+        shapes[value.name] = dims
+        dtypes[value.name] = tensor_type.elem_type
+
+    def elements(init) -> int:
+        return _prod(init.dims)
+
+    # DequantizeLinear of a constant = a quantized weight: remember its storage width.
+    quantized_weight: dict[str, tuple[str, int]] = {}
+    alias: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in constants:
+            init = constants[node.input[0]]
+            quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS.get(init.data_type, 8))
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type in _ONNX_ALIASES:
+            alias[node.output[0]] = node.input[0]
+
+    def resolve(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    # (de)quantize keeps the shape: fill in what shape inference could not (e.g. int4 QDQ)
+    for _ in range(2):
+        for out, source in alias.items():
+            if out in shapes and source not in shapes:
+                shapes[source] = shapes[out]
+            elif source in shapes and out not in shapes:
+                shapes[out] = shapes[source]
+
+    quantized_activations = {
+        resolve(n.output[0]) for n in graph.node if n.op_type == "QuantizeLinear"
+    } | {resolve(n.input[0]) for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants}
+
+    def act_bits(name: str) -> int:
+        base = resolve(name)
+        if base in quantized_activations:
+            return 8
+        return _ONNX_DTYPE_BITS.get(dtypes.get(base, 1), 32)
+
+    def tensor_bytes_of(name: str) -> int:
+        return _prod(shapes.get(name, [])) * act_bits(name) // 8
+
+    consumers: Counter = Counter()
+    for node in graph.node:
+        for name in node.input:
+            consumers[resolve(name)] += 1
+    graph_outputs = {o.name for o in graph.output}
+
+    ops: list[Op] = []
+    by_output: dict[str, Op] = {}
+    skip_types = {"Constant", "QuantizeLinear", "DequantizeLinear", *_ONNX_ALIASES}
+    for index, node in enumerate(graph.node):
+        if node.op_type in skip_types:
+            continue
+        act_inputs = [resolve(n) for n in node.input if n and resolve(n) not in constants and n not in quantized_weight]
+        # Fold an activation/BN into its producer when that producer is a conv/fc used only here.
+        if node.op_type in _ONNX_FUSABLE and act_inputs:
+            producer = by_output.get(act_inputs[0])
+            if (producer is not None and producer.kind in WEIGHTED_CLASSES
+                    and consumers[act_inputs[0]] == 1 and act_inputs[0] not in graph_outputs):
+                producer.fused.append(node.op_type)
+                if node.op_type == "BatchNormalization":
+                    producer.params += sum(elements(constants[n]) for n in node.input[1:3] if n in constants)
+                out = node.output[0]
+                producer.outputs = [out]
+                producer.output_shape = shapes.get(out, producer.output_shape)
+                producer.activation_bytes = tensor_bytes_of(out)
+                del by_output[act_inputs[0]]
+                by_output[out] = producer
+                continue
+        op = _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of)
+        ops.append(op)
+        for out in op.outputs:
+            by_output[out] = op
+
+    graph_inputs = [i.name for i in graph.input if i.name not in constants]
+    names = {name for op in ops for name in op.inputs + op.outputs} | set(graph_inputs)
+    tensor_bytes = {name: tensor_bytes_of(name) for name in names}
+    tensor_elements = {name: _prod(shapes.get(name, [])) for name in names}
+    input_shape = shapes.get(graph_inputs[0], []) if graph_inputs else []
+    return Graph(ops=ops, tensor_bytes=tensor_bytes, tensor_elements=tensor_elements, inputs=graph_inputs,
+                 outputs=[resolve(o.name) for o in graph.output], input_shape=input_shape,
+                 source_format="onnx")
+
+
+def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of) -> Op:
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    outputs = [o for o in node.output if o]
+    out_shape = shapes.get(outputs[0], []) if outputs else []
+    name = node.name or f"{node.op_type}_{index}"
+    op = Op(name=name, op_type=node.op_type, kind="other", inputs=act_inputs, outputs=outputs,
+            output_shape=out_shape, activation_bytes=sum(tensor_bytes_of(o) for o in outputs))
+
+    weights: list[tuple[str, int]] = []  # (tensor, bits)
+    for position, tensor in enumerate(node.input):
+        if tensor in quantized_weight:
+            weights.append(quantized_weight[tensor])
+        elif tensor in constants and _is_weight_input(node.op_type, position):
+            weights.append((tensor, _ONNX_DTYPE_BITS.get(constants[tensor].data_type, 32)))
+
+    op_type = node.op_type
+    if op_type in ("Conv", "QLinearConv", "ConvInteger", "ConvTranspose"):
+        weight_name = node.input[3] if op_type == "QLinearConv" else node.input[1]
+        weight_name = quantized_weight.get(weight_name, (weight_name, 0))[0]
+        w_dims = list(constants[weight_name].dims) if weight_name in constants else shapes.get(weight_name, [])
+        groups = int(attrs.get("group", 1))
+        kernel = tuple(w_dims[2:4]) if len(w_dims) >= 4 else (1, 1)
+        in_channels = (w_dims[1] * groups) if len(w_dims) > 1 else 1
+        op.kind = _conv_kind(kernel, groups, in_channels)
+        op.kernel, op.strides = tuple(int(k) for k in kernel), tuple(int(s) for s in attrs.get("strides", (1, 1)))
+        op.macs = _prod(out_shape) * _prod(w_dims[1:]) if w_dims else 0
+    elif op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "MatMulNBits", "FusedMatMul"):
+        op.kind = "fc"
+        if op_type == "MatMulNBits":
+            k, n, bits = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4))
+            weights = [(node.input[1], bits)]
+            op.params = k * n
+            op.weight_bytes = k * n * bits // 8
+            op.macs = _prod(out_shape) * k
+            op.precision, op.weight_bits = ("int4" if bits <= 4 else "int8"), bits
+            return op
+        a_shape = shapes.get(act_inputs[0], []) if act_inputs else []
+        k = a_shape[-1] if a_shape else 0
+        if op_type == "Gemm" and attrs.get("transA", 0) and len(a_shape) >= 2:
+            k = a_shape[-2]
+        op.macs = _prod(out_shape) * k
+    elif op_type in _ONNX_POOL:
+        op.kind = "pool"
+    elif op_type in _ONNX_ELEMENTWISE or op_type.startswith("QLinear"):
+        op.kind = "elementwise"
+
+    seen = set()
+    for tensor, bits in weights:
+        if tensor in seen or tensor not in constants:
+            continue
+        seen.add(tensor)
+        count = elements(constants[tensor])
+        op.params += count
+        op.weight_bytes += math.ceil(count * bits / 8)
+    if op.kind in WEIGHTED_CLASSES:
+        weight_bits = min((bits for _, bits in weights), default=32)
+        op.weight_bits = weight_bits
+        if op_type.startswith("QLinear") or op_type.endswith("Integer"):
+            op.precision = "int8"
+        elif weight_bits <= 4:
+            op.precision = "int4"
+        elif weight_bits <= 8:
+            op.precision = "int8"
+        elif weight_bits == 16:
+            op.precision = "fp16"
+    return op
+
+
+def _is_weight_input(op_type: str, position: int) -> bool:
+    """Which constant inputs are trainable weights (scales, zero points and shapes are not)."""
+    if op_type == "QLinearConv" or op_type == "QLinearMatMul":
+        return position in (3, 8)
+    if op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "FusedMatMul"):
+        return position in (1, 2)
+    if op_type == "BatchNormalization":
+        return position in (1, 2)
+    if op_type == "PRelu":
+        return position == 1
+    return False
+
+
+# ---------------------------------------------------------------- TFLite
+
+_TFLITE_CONV = {"CONV_2D", "TRANSPOSE_CONV", "CONV_3D"}
+_TFLITE_FC = {"FULLY_CONNECTED", "BATCH_MATMUL"}
+_TFLITE_POOL = {"AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "L2_POOL_2D", "REDUCE_MAX", "SUM"}
+_TFLITE_ELEMENTWISE = {
+    "ADD", "SUB", "MUL", "DIV", "RELU", "RELU6", "RELU_N1_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
+    "LEAKY_RELU", "PRELU", "ELU", "GELU", "SQRT", "RSQRT", "EXP", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE",
+    "ABS", "NEG", "POW", "QUANTIZE", "DEQUANTIZE", "CAST",
+}
+_TFLITE_LOW_BITS = {"INT8": "int8", "UINT8": "int8", "INT4": "int4", "UINT4": "int4", "INT16": "int8"}
+_TFLITE_TYPE_BITS = {"FLOAT32": 32, "FLOAT16": 16, "INT32": 32, "UINT8": 8, "INT64": 64, "INT16": 16,
+                     "INT8": 8, "FLOAT64": 64, "INT4": 4, "UINT4": 4, "BOOL": 8, "BFLOAT16": 16}
+
+
+def read_tflite(path: Path) -> Graph:
+    from ai_edge_litert import schema_py_generated as schema
+
+    builtin_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    model = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    subgraph = model.subgraphs[0]
+    tensors = subgraph.tensors
+
+    def is_constant(index: int) -> bool:
+        buffer = model.buffers[tensors[index].buffer] if tensors[index].buffer < len(model.buffers) else None
+        return buffer is not None and (
+            (buffer.data is not None and len(buffer.data) > 0) or (buffer.size or 0) > 0)
+
+    def shape(index: int) -> list[int]:
+        return [max(int(d), 1) for d in (tensors[index].shape if tensors[index].shape is not None else [])]
+
+    def type_name(index: int) -> str:
+        return type_names.get(tensors[index].type, "FLOAT32")
+
+    def nbytes(index: int) -> int:
+        return math.ceil(_prod(shape(index)) * _TFLITE_TYPE_BITS.get(type_name(index), 32) / 8)
+
+    def tensor_name(index: int) -> str:
+        name = tensors[index].name
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    # DEQUANTIZE of a constant (fp16 or int8 stored weights) feeds the kernel as a weight.
+    dequantized_weight: dict[int, int] = {}
+    for operator in subgraph.operators:
+        code = model.operatorCodes[operator.opcodeIndex]
+        if builtin_names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) == "DEQUANTIZE":
+            if is_constant(operator.inputs[0]):
+                dequantized_weight[operator.outputs[0]] = operator.inputs[0]
+
+    ops: list[Op] = []
+    for index, operator in enumerate(subgraph.operators):
+        code = model.operatorCodes[operator.opcodeIndex]
+        op_type = builtin_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        inputs = [i for i in operator.inputs if i >= 0]
+        if op_type == "DEQUANTIZE" and inputs and inputs[0] in dequantized_weight.values():
+            continue
+        weight_ids = [dequantized_weight.get(i, i) for i in inputs
+                      if i in dequantized_weight or is_constant(i)]
+        act_ids = [i for i in inputs if i not in dequantized_weight and not is_constant(i)]
+        outputs = list(operator.outputs)
+        out_shape = shape(outputs[0]) if outputs else []
+        op = Op(name=tensor_name(outputs[0]) if outputs else f"{op_type}_{index}", op_type=op_type, kind="other",
+                inputs=[tensor_name(i) for i in act_ids], outputs=[tensor_name(o) for o in outputs],
+                output_shape=out_shape, activation_bytes=sum(nbytes(o) for o in outputs))
+        options = operator.builtinOptions
+        activation = getattr(options, "fusedActivationFunction", 0) if options is not None else 0
+        if activation:
+            names = {v: k for k, v in vars(schema.ActivationFunctionType).items() if not k.startswith("_")}
+            op.fused.append(names.get(activation, str(activation)))
+
+        if op_type in _TFLITE_CONV or op_type == "DEPTHWISE_CONV_2D":
+            weight = next((w for w in weight_ids if len(shape(w)) == 4), None)
+            w_shape = shape(weight) if weight is not None else [1, 1, 1, 1]
+            op.kernel = (w_shape[1], w_shape[2])
+            op.strides = (getattr(options, "strideH", 1), getattr(options, "strideW", 1))
+            if op_type == "DEPTHWISE_CONV_2D":
+                op.kind = "depthwise"
+                op.macs = _prod(out_shape) * w_shape[1] * w_shape[2]
+            else:
+                op.kind = _conv_kind((w_shape[1], w_shape[2]), 1, w_shape[3])
+                op.macs = _prod(out_shape) * w_shape[1] * w_shape[2] * w_shape[3]
+        elif op_type in _TFLITE_FC:
+            op.kind = "fc"
+            if weight_ids:
+                k = shape(weight_ids[0])[-1]
+            else:  # BATCH_MATMUL of two activations: the shared dimension is the first input's last
+                k = shape(act_ids[0])[-1] if act_ids else 0
+            op.macs = _prod(out_shape) * k
+        elif op_type in _TFLITE_POOL:
+            op.kind = "pool"
+        elif op_type in _TFLITE_ELEMENTWISE:
+            op.kind = "elementwise"
+
+        seen = set()
+        for weight in weight_ids if op.kind in WEIGHTED_CLASSES or op_type == "PRELU" else []:
+            if weight in seen:
+                continue
+            seen.add(weight)
+            op.params += _prod(shape(weight))
+            op.weight_bytes += nbytes(weight)
+        if op.kind in WEIGHTED_CLASSES:
+            main_weight = max(weight_ids, key=lambda w: _prod(shape(w)), default=None)
+            weight_type = type_name(main_weight) if main_weight is not None else "FLOAT32"
+            op.weight_bits = _TFLITE_TYPE_BITS.get(weight_type, 32)
+            input_type = type_name(act_ids[0]) if act_ids else "FLOAT32"
+            # full-integer kernels read int8 activations; int8/int4 weights on float input are
+            # the hybrid (dynamic-range) kernels, which still multiply in integer
+            op.precision = _TFLITE_LOW_BITS.get(weight_type) or _TFLITE_LOW_BITS.get(input_type) or (
+                "fp16" if weight_type == "FLOAT16" else "fp32")
+        ops.append(op)
+
+    variable = [i for i in range(len(tensors)) if not is_constant(i)]
+    tensor_bytes = {tensor_name(i): nbytes(i) for i in variable}
+    tensor_elements = {tensor_name(i): _prod(shape(i)) for i in variable}
+    inputs = [tensor_name(i) for i in subgraph.inputs]
+    return Graph(ops=ops, tensor_bytes=tensor_bytes, tensor_elements=tensor_elements, inputs=inputs,
+                 outputs=[tensor_name(i) for i in subgraph.outputs],
+                 input_shape=shape(subgraph.inputs[0]) if len(subgraph.inputs) else [],
+                 source_format="tflite")
+
+
+def peak_activation_bytes(graph: Graph, bytes_per_tensor: dict[str, int] | None = None) -> int:
+    """Peak bytes of activations alive at once when ops run in file order.
+
+    A tensor is alive from the op that writes it (graph inputs: from the start) until the
+    last op that reads it; graph outputs stay alive to the end. This is the lower bound an
+    arena planner such as TFLite's reaches; runtimes that do not reuse buffers use more.
+    """
+    sizes = bytes_per_tensor or graph.tensor_bytes
+    last_use: dict[str, int] = {}
+    for position, op in enumerate(graph.ops):
+        for name in op.inputs:
+            last_use[name] = position
+    end = len(graph.ops)
+    for name in graph.outputs:
+        last_use[name] = end
+    alive = {name: sizes.get(name, 0) for name in graph.inputs}
+    peak = sum(alive.values())
+    for position, op in enumerate(graph.ops):
+        for name in op.outputs:
+            alive[name] = sizes.get(name, 0)
+        peak = max(peak, sum(alive.values()))
+        for name in list(alive):
+            if last_use.get(name, -1) <= position:
+                del alive[name]
+    return peak
+
+
+FRAMEWORK_SUFFIXES = {".pt2": "pytorch", ".pt": "pytorch", ".pth": "pytorch",
+                      ".keras": "tensorflow", ".h5": "tensorflow", ".zip": "tensorflow"}
+
+
+def load_model_graph(path: str | Path) -> Graph:
+    """Like load_graph, and framework-native files (.pt2, .pt, .keras, .h5, SavedModel .zip)
+    are first exported to their deploy format by the framework backend (the same export the
+    experiments use), in a temporary folder."""
+    import tempfile
+
+    path = Path(path)
+    framework = FRAMEWORK_SUFFIXES.get(path.suffix.lower())
+    if framework is None:
+        return load_graph(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    from optimization.backends import get_backend
+
+    backend = get_backend(framework)
+    with tempfile.TemporaryDirectory(prefix="edgeopt-graph-") as workdir:
+        deploy = backend.export_deploy(backend.load(path), Path(workdir) / f"model{backend.deploy_suffix}")
+        return load_graph(deploy)

@@ -1,0 +1,160 @@
+"""PerformanceEstimator: its data files, and estimates that move the way the measurements do."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from optimization import estimator
+from optimization.analyzer import analyze
+from optimization.graph import load_graph, peak_activation_bytes
+
+API_KEYS = {"device", "runtime", "precision", "threads", "latency_ms", "latency_low_ms", "latency_high_ms",
+            "memory_mb", "energy_mj", "macs", "params"}
+
+
+def conv_net(width: int):
+    from optimization.backends.tensorflow import keras
+
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        layers.Conv2D(width, 3, padding="same", activation="relu"),
+        layers.Conv2D(width, 3, padding="same", activation="relu"),
+        layers.Conv2D(2 * width, 1, activation="relu"),
+        layers.GlobalAveragePooling2D(),
+        layers.Dense(10),
+    ])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from optimization.backends.tensorflow import convert_to_tflite
+
+    folder = tmp_path_factory.mktemp("estimator")
+    calibration = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
+    narrow, wide = conv_net(8), conv_net(32)
+    return {
+        "narrow": convert_to_tflite(narrow, folder / "narrow.tflite"),
+        "wide": convert_to_tflite(wide, folder / "wide.tflite"),
+        "wide_int8": convert_to_tflite(wide, folder / "wide_int8.tflite", calibration),
+    }
+
+
+def test_calibration_points_cite_their_source_and_name_known_devices():
+    calibration = estimator.load_calibration()
+    profiles = estimator.load_profiles()
+    assert calibration["points"]
+    for source in calibration["sources"].values():
+        assert source["url"].startswith("http") and source["what"]
+    for point in calibration["points"]:
+        assert point["source"] in calibration["sources"]
+        assert point["device"] in profiles["devices"]
+        assert point["runtime"] in profiles["runtimes"]
+        assert point["latency_ms"] > 0
+        assert point["use"] or point["reason"], f"{point['id']} is left out without a reason"
+
+
+def test_every_device_profile_cites_a_source():
+    devices = estimator.load_profiles()["devices"]
+    assert {"rpi4", "rpi5"} <= set(devices)
+    for name, profile in devices.items():
+        assert profile["sources"], name
+        for source in profile["sources"]:
+            assert source["url"] and source["what"], name
+
+
+def test_fitted_file_holds_every_parameter_the_model_uses():
+    fitted = estimator.load_fitted()
+    assert set(estimator.parameter_names()) <= set(fitted["parameters"])
+    assert fitted["interval_log_halfwidth"] > 0
+
+
+def test_estimate_returns_the_api_fields_marked_estimated(files):
+    result = estimator.estimate(files["wide"], "rpi4")
+    assert API_KEYS <= set(result)
+    assert result["estimated"] is True and result["assumptions"]
+    assert (result["runtime"], result["precision"], result["threads"]) == ("tflite", "fp32", 4)
+    assert result["macs"] == analyze(files["wide"])["macs"]
+
+
+def test_latency_rises_with_macs(files):
+    narrow, wide = estimator.estimate(files["narrow"], "rpi4"), estimator.estimate(files["wide"], "rpi4")
+    assert wide["macs"] > narrow["macs"]
+    assert wide["latency_ms"] > narrow["latency_ms"]
+
+
+def test_int8_is_faster_on_every_board_where_the_calibration_measured_it_faster(files):
+    points = [p for p in estimator.load_calibration()["points"] if p["use"]]
+    measured_faster = set()
+    key = lambda p: (p["source"], p["device"], p["model"], p["threads"])  # noqa: E731
+    for _, group in itertools.groupby(sorted(points, key=key), key=key):
+        by_precision = {p["precision"]: p for p in group}
+        if {"fp32", "int8"} <= set(by_precision):
+            assert by_precision["int8"]["latency_ms"] < by_precision["fp32"]["latency_ms"]
+            measured_faster.add(by_precision["int8"]["device"])
+    assert measured_faster
+    for device in measured_faster | {"rpi5"}:
+        fp32 = estimator.estimate(files["wide"], device)
+        int8 = estimator.estimate(files["wide"], device, precision="int8")
+        assert int8["latency_ms"] < fp32["latency_ms"], device
+        assert int8["memory_mb"] < fp32["memory_mb"], device
+
+
+def test_precision_defaults_to_what_the_file_contains(files):
+    assert estimator.estimate(files["wide_int8"], "rpi4")["precision"] == "int8"
+    assert estimator.estimate(files["wide"], "rpi4")["precision"] == "fp32"
+
+
+def test_int8_file_and_int8_costing_of_the_fp32_file_agree(files):
+    from_file = estimator.estimate(files["wide_int8"], "rpi4")["latency_ms"]
+    costed = estimator.estimate(files["wide"], "rpi4", precision="int8")["latency_ms"]
+    assert from_file == pytest.approx(costed, rel=0.25)
+
+
+def test_rpi5_is_faster_than_rpi4_and_more_threads_are_faster(files):
+    rpi4, rpi5 = (estimator.estimate(files["wide"], device)["latency_ms"] for device in ("rpi4", "rpi5"))
+    assert rpi5 < rpi4
+    one, four = (estimator.estimate(files["wide"], "rpi4", threads=t)["latency_ms"] for t in (1, 4))
+    assert four < one
+
+
+def test_intervals_bracket_each_estimate(files):
+    result = estimator.estimate(files["wide"], "rpi4")
+    assert result["latency_low_ms"] < result["latency_ms"] < result["latency_high_ms"]
+    assert result["memory_low_mb"] <= result["memory_mb"] < result["memory_high_mb"]
+    assert result["energy_low_mj"] < result["energy_mj"] < result["energy_high_mj"]
+
+
+def test_energy_is_latency_times_the_boards_power_at_the_threads_used(files):
+    profile = estimator.device_profile("rpi4")
+    result = estimator.estimate(files["wide"], "rpi4", threads=2)
+    power = profile["idle_power_w"] + (profile["active_power_w"] - profile["idle_power_w"]) * 2 / profile["cores"]
+    assert result["energy_mj"] == pytest.approx(result["latency_ms"] * power, rel=1e-3)
+
+
+def test_memory_is_weights_plus_live_activations_plus_runtime_overhead(files):
+    graph = load_graph(files["wide"])
+    overhead = estimator.load_profiles()["runtimes"]["tflite"]["overhead_mb"]
+    expected = (graph.weight_bytes + peak_activation_bytes(graph)) / 2**20 + overhead
+    assert estimator.estimate(graph, "rpi4")["memory_mb"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_runtime_without_pi_measurements_says_so_and_widens_the_interval(files):
+    tflite = estimator.estimate(files["wide"], "rpi4", runtime="tflite")
+    ort = estimator.estimate(files["wide"], "rpi4", runtime="onnxruntime")
+    assert any("onnxruntime" in line and "no published" in line for line in ort["assumptions"])
+    width = lambda r: math.log(r["latency_high_ms"] / r["latency_low_ms"])  # noqa: E731
+    assert width(ort) > width(tflite)
+
+
+def test_unknown_device_is_refused_with_the_known_devices(files):
+    with pytest.raises(estimator.UnknownDeviceError, match="rpi4"):
+        estimator.estimate(files["wide"], "rpi9")
+
+
+def test_unknown_precision_is_refused(files):
+    with pytest.raises(ValueError, match="int8"):
+        estimator.estimate(files["wide"], "rpi4", precision="int2")
