@@ -1,0 +1,445 @@
+"""TensorFlow/Keras backend: safe loading, `.keras` / `.tflite` export, LiteRT measurement,
+and the work every TensorFlow technique shares (fit with progress, conversion, counting).
+
+tfmot needs the Keras 2 implementation (tf_keras), so `TF_USE_LEGACY_KERAS` is set before
+TensorFlow is imported and `keras` below is tf_keras everywhere in the engine.
+Deploy artifacts run in LiteRT (`ai_edge_litert`), one thread, so latencies compare.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import gzip
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter
+
+from optimization.base import (
+    InvalidInputError,
+    LoadedModel,
+    OptimizedResult,
+    ProgressFn,
+    TechniqueConfig,
+)
+from optimization.safety.archives import safe_extract_zip
+from optimization.safety.keras_check import check_keras_file
+from optimization.safety.savedmodel_check import check_savedmodel_dir
+
+# Latency is measured single-threaded: it is the most stable number on a shared host and the
+# device estimator scales it to the target's thread count.
+LITERT_THREADS = 1
+LATENCY_WARMUP = 10
+LATENCY_RUNS = 100
+LATENCY_BUDGET_S = 2.0
+REPRESENTATIVE_SAMPLES = 200
+PREDICT_BATCH = 256
+# Rough cost model for ETAs, calibrated on the digits demo on a busy 2-core host.
+SECONDS_PER_FIT = 2.0  # tracing and compiling a new model's train step
+SECONDS_PER_TRAIN_STEP = 0.015
+SECONDS_PER_GIGAMAC_SAMPLE = 0.1
+SECONDS_PER_CONVERSION = 2.0
+# keras.applications use BatchNorm momentum 0.999: after a few hundred steps from scratch the
+# running statistics are still mostly their initial values and inference is near chance.
+SHORT_TRAINING_BN_MOMENTUM = 0.9
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class TensorFlowBackend:
+    framework = "tensorflow"
+    deploy_suffix = ".tflite"
+    native_suffix = ".keras"
+
+    def load(self, path: Path, input_shape: tuple | None = None,
+             architecture: str | None = None, num_classes: int | None = None) -> LoadedModel:
+        """Load `.keras`, `.h5` or a zipped SavedModel after the safety checks; the input
+        shape comes from the model's Input (NHWC, without batch)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in (".keras", ".h5"):
+            check_keras_file(path)
+            module = keras.models.load_model(path, compile=False, **(
+                {"safe_mode": True} if suffix == ".keras" else {}))
+            source_format = suffix[1:]
+        elif suffix == ".zip":
+            module = _load_savedmodel_zip(path)
+            source_format = "savedmodel"
+        else:
+            raise InvalidInputError(
+                f"{path.name}: TensorFlow models are accepted as .keras, .h5 or a SavedModel .zip")
+        model_shape = tuple(int(d) for d in module.input_shape[1:] if d is not None)
+        if len(model_shape) != len(module.input_shape) - 1:
+            if input_shape is None:
+                raise InvalidInputError(
+                    f"{path.name} has an input with unknown dimensions {module.input_shape}; "
+                    "give the input shape (NHWC, without batch) in the experiment's config")
+            model_shape = tuple(input_shape)
+        return LoadedModel(
+            framework=self.framework,
+            module=module,
+            input_shape=model_shape,
+            num_classes=num_classes or int(module.output_shape[-1]),
+            source_path=path,
+            source_format=source_format,
+            architecture=architecture,
+        )
+
+    def export_deploy(self, model: LoadedModel, path: Path) -> Path:
+        """FP32 `.tflite`, the baseline every technique is compared with."""
+        return convert_to_tflite(model.module, path)
+
+    def save_native(self, model: LoadedModel, path: Path) -> Path:
+        return save_keras(model.module, path)
+
+    def predict(self, deploy_path: Path, x) -> np.ndarray:
+        """Logits (or the model's outputs) for a batch, run in LiteRT; int8 in/out tensors
+        are quantized and dequantized with their scale and zero point."""
+        x = np.asarray(x, dtype=np.float32)
+        outputs = [_invoke(*_interpreter(deploy_path, x[start:start + PREDICT_BATCH]))
+                   for start in range(0, len(x), PREDICT_BATCH)]
+        return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+    def latency_ms(self, deploy_path: Path, sample) -> float:
+        """Median of up to LATENCY_RUNS batch-1 invokes after warm-up, LITERT_THREADS thread;
+        `sample` is one sample, with or without its batch axis."""
+        interpreter, batch = _interpreter(deploy_path, np.asarray(sample, dtype=np.float32))
+        if len(batch) != 1:
+            interpreter, batch = _interpreter(deploy_path, batch[:1])
+        _set_input(interpreter, batch)
+        for _ in range(LATENCY_WARMUP):
+            interpreter.invoke()
+        timings = []
+        deadline = time.perf_counter() + LATENCY_BUDGET_S
+        while len(timings) < LATENCY_RUNS and (len(timings) < 10 or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            interpreter.invoke()
+            timings.append(time.perf_counter() - start)
+        return float(np.median(timings) * 1000.0)
+
+    def train_demo_model(self, dataset, path: Path) -> Path:
+        """Train `digits_cnn` on the digits preset (NHWC) and save it as `.keras`."""
+        from optimization.zoo.keras import digits_cnn
+
+        keras.utils.set_random_seed(0)
+        model = digits_cnn(dataset.input_shape, dataset.num_classes)
+        fit(model, dataset.x_train, dataset.y_train, epochs=15, learning_rate=2e-3)
+        accuracy = evaluate_accuracy(model, dataset.x_test, dataset.y_test)
+        if accuracy < 0.95:
+            raise RuntimeError(f"digits_cnn reached only {accuracy:.3f} test accuracy")
+        return save_keras(model, path)
+
+
+def _load_savedmodel_zip(path: Path):
+    extract_dir = Path(tempfile.mkdtemp(prefix="savedmodel_", dir=path.parent))
+    try:
+        safe_extract_zip(path, extract_dir)
+        model_dir = _savedmodel_root(extract_dir)
+        check_savedmodel_dir(model_dir)
+        if not (model_dir / "keras_metadata.pb").is_file():
+            raise InvalidInputError(
+                "This SavedModel has no Keras metadata, so it cannot be fine-tuned; save it "
+                "from Keras with model.save('dir') (or upload a .keras file).")
+        return keras.models.load_model(model_dir, compile=False)
+    finally:
+        shutil.rmtree(extract_dir, ignore_errors=True)
+
+
+def _savedmodel_root(extract_dir: Path) -> Path:
+    """saved_model.pb at the top of the zip, or inside its single top folder."""
+    if (extract_dir / "saved_model.pb").is_file():
+        return extract_dir
+    folders = [p for p in extract_dir.iterdir() if p.is_dir()]
+    if len(folders) == 1 and (folders[0] / "saved_model.pb").is_file():
+        return folders[0]
+    raise InvalidInputError(
+        "The zip holds no saved_model.pb at its top level or in one top folder; zip the "
+        "folder written by model.save('dir').")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_keras(model, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def convert_to_tflite(model, path: Path, calibration_x: np.ndarray | None = None) -> Path:
+    """Write the Keras `model` as `.tflite`: FP32, or full-integer INT8 when calibration data
+    is given.
+
+    INT8 keeps float32 input and output: the file is a drop-in replacement for the FP32 one
+    (same interface for the user and the evaluator) and the two boundary (de)quantize ops cost
+    next to nothing. Every op inside runs in INT8 (TFLITE_BUILTINS_INT8), or conversion fails.
+    """
+    # From the traced inference function rather than from_keras_model, which first writes a
+    # SavedModel: half the conversion time, same graph.
+    def infer(*inputs):
+        return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+
+    signature = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [tf.function(infer, autograph=False).get_concrete_function(*signature)], model)
+    if calibration_x is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset(calibration_x)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return write_bytes(converter.convert(), path)
+
+
+def write_bytes(content: bytes, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def gzip_size(path: Path) -> int:
+    """Bytes of the file after gzip -9: where unstructured sparsity shows."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9))
+
+
+def technique_result(name: str, config: TechniqueConfig, model, deploy_path: Path,
+                     details: dict, counted_model=None) -> OptimizedResult:
+    """Save the native `.keras` next to the deploy file and count the optimized model
+    (`counted_model`: the same network without tfmot's quantizer variables, when given)."""
+    native = save_keras(model, Path(config.output_dir) / f"{name}.keras")
+    params, macs = count_params_macs(counted_model if counted_model is not None else model)
+    return OptimizedResult(artifacts={"deploy": Path(deploy_path), "native": native},
+                           details=details, model=model, params=params, macs=macs)
+
+
+def representative_dataset(calibration_x: np.ndarray):
+    samples = np.asarray(calibration_x, dtype=np.float32)[:REPRESENTATIVE_SAMPLES]
+
+    def generate():
+        for sample in samples:
+            yield [sample[None]]
+
+    return generate
+
+
+# ----------------------------------------------------------------------------- LiteRT
+
+# op -> index of its weight input; tflite tensor type -> bits
+WEIGHTED_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "TRANSPOSE_CONV": 1,
+                "BATCH_MATMUL": 1, "EMBEDDING_LOOKUP": 1}
+BITS_BY_TFLITE_TYPE = {0: 32, 1: 16, 9: 8, 17: 4}
+
+
+def tflite_weights(tflite_path: Path) -> list[dict]:
+    """Each op with a constant weight: op type, tensor name, storage bits and its stored values
+    (integers for quantized weights; packed bytes for 4-bit)."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    model = flatbuffer.read_model(Path(tflite_path).read_bytes())
+    found = []
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            op_name = flatbuffer.TFL_OP_CODE_TO_NAME.get(
+                model.operatorCodes[op.opcodeIndex].builtinCode)
+            if op_name is None or op_name.name not in WEIGHTED_OPS:
+                continue
+            tensor = subgraph.tensors[op.inputs[WEIGHTED_OPS[op_name.name]]]
+            data = model.buffers[tensor.buffer].data
+            if data is None:  # not a constant (e.g. a computed matmul operand)
+                continue
+            found.append({"op": op_name.name, "weight": flatbuffer.get_tensor_name(tensor),
+                          "weight_bits": BITS_BY_TFLITE_TYPE.get(tensor.type, 32),
+                          "data": np.asarray(data)})
+    return found
+
+
+def tflite_int8_weight_sparsity(tflite_path: Path) -> float:
+    """Share of zero values among INT8 weights (symmetric quantization keeps 0.0 at 0)."""
+    weights = [w["data"] for w in tflite_weights(tflite_path) if w["weight_bits"] == 8]
+    total = sum(w.size for w in weights)
+    return float(sum(int((w == 0).sum()) for w in weights) / total) if total else 0.0
+
+
+def _interpreter(deploy_path: Path, x: np.ndarray) -> tuple[Interpreter, np.ndarray]:
+    """An interpreter sized for the batch `x` (a single sample without batch axis gets one)."""
+    interpreter = Interpreter(model_path=str(deploy_path), num_threads=LITERT_THREADS)
+    detail = interpreter.get_input_details()[0]
+    if x.ndim == len(detail["shape"]) - 1:
+        x = x[None]
+    if tuple(detail["shape"]) != x.shape:
+        interpreter.resize_tensor_input(detail["index"], list(x.shape))
+    interpreter.allocate_tensors()
+    return interpreter, x
+
+
+def _set_input(interpreter: Interpreter, x: np.ndarray) -> None:
+    detail = interpreter.get_input_details()[0]
+    scale, zero_point = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8) and scale:
+        info = np.iinfo(detail["dtype"])
+        x = np.clip(np.round(x / scale + zero_point), info.min, info.max)
+    interpreter.set_tensor(detail["index"], x.astype(detail["dtype"]))
+
+
+def _invoke(interpreter: Interpreter, x: np.ndarray) -> np.ndarray:
+    _set_input(interpreter, x)
+    interpreter.invoke()
+    detail = interpreter.get_output_details()[0]
+    output = interpreter.get_tensor(detail["index"])
+    scale, zero_point = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8) and scale:
+        return (output.astype(np.float32) - zero_point) * scale
+    return output.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class ProgressCallback(keras.callbacks.Callback):
+    """Reports every batch as a fraction of this technique (between `start` and `end`);
+    ExperimentStopped raised by `progress` propagates out of `fit`."""
+
+    def __init__(self, progress: ProgressFn, epochs: int, steps_per_epoch: int,
+                 start: float, end: float, message: str):
+        super().__init__()
+        self.progress, self.epochs, self.steps = progress, epochs, steps_per_epoch
+        self.start, self.end, self.message = start, end, message
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = (self.epoch * self.steps + batch + 1) / (self.epochs * self.steps)
+        metrics = {key: round(float(value), 4) for key, value in (logs or {}).items()}
+        self.progress(self.start + (self.end - self.start) * done,
+                      f"{self.message} epoch {self.epoch + 1}/{self.epochs}", metrics)
+
+
+def outputs_probabilities(model) -> bool:
+    """True when the model ends in a softmax (so its outputs are not logits)."""
+    last = unwrap(model.layers[-1])
+    if isinstance(last, keras.Model):
+        return outputs_probabilities(last)
+    activation = getattr(last, "activation", None)
+    activation = getattr(activation, "activation", activation)  # tfmot's QuantizeAwareActivation
+    return isinstance(last, keras.layers.Softmax) or activation is keras.activations.softmax
+
+
+def classification_loss(model):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
+
+
+def fit(model, x, y, epochs: int, progress: ProgressFn | None = None, *, learning_rate=1e-3,
+        batch_size=32, span=(0.0, 1.0), message="fine-tuning", callbacks=(), compile_model=True,
+        seed: int = 0):
+    """Train with Adam on sparse labels, reporting each batch to `progress`."""
+    if compile_model:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                      loss=classification_loss(model), metrics=["accuracy"])
+    steps = int(np.ceil(len(x) / batch_size))
+    all_callbacks = list(callbacks)
+    if progress is not None:
+        all_callbacks.append(ProgressCallback(progress, epochs, steps, *span, message))
+    keras.utils.set_random_seed(seed)
+    return model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True,
+                     callbacks=all_callbacks, verbose=0)
+
+
+def follow_batchnorm_faster(model, momentum: float = SHORT_TRAINING_BN_MOMENTUM):
+    """Let BatchNorm running statistics catch up within a short from-scratch training."""
+    for layer in _leaf_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+    return model
+
+
+def evaluate_accuracy(model, x, y, batch_size: int = 256) -> float:
+    """Test-split accuracy of an in-memory Keras model (argmax of its outputs)."""
+    predictions = model.predict(x, batch_size=batch_size, verbose=0)
+    return float((predictions.argmax(axis=1) == np.asarray(y)).mean())
+
+
+def training_seconds(model_info: dict, epochs: float, batch_size: int = 32) -> float:
+    """ETA for `epochs` of fine-tuning: tracing, per-step overhead, compute (3x forward MACs)."""
+    samples = model_info.get("train_samples") or 1000
+    macs = model_info.get("macs") or 1e6
+    steps = epochs * np.ceil(samples / batch_size)
+    return float(SECONDS_PER_FIT + steps * SECONDS_PER_TRAIN_STEP
+                 + epochs * samples * 3 * macs / 1e9 * SECONDS_PER_GIGAMAC_SAMPLE)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def unwrap(layer):
+    """The layer inside tfmot's pruning / quantization wrappers."""
+    while hasattr(layer, "layer") and isinstance(layer.layer, keras.layers.Layer):
+        layer = layer.layer
+    return layer
+
+
+def count_params_macs(model) -> tuple[int, int]:
+    """Parameters as deployed and multiply-accumulates of one forward pass of a batch-1 sample.
+
+    The converter folds BatchNorm into the layer before it, leaving one bias per channel, so a
+    BatchNorm counts its channels (exact after bias-free convolutions, as in the zoo models):
+    the counts match what the analyzer reads from the `.tflite`."""
+    layers = [unwrap(layer) for layer in _leaf_layers(model)]
+    params = sum(int(layer.moving_mean.shape[-1]) if isinstance(layer, keras.layers.BatchNormalization)
+                 else layer.count_params() for layer in layers)
+    return int(params), int(sum(_layer_macs(layer) for layer in _leaf_layers(model)))
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def _layer_macs(wrapped) -> int:
+    layer = unwrap(wrapped)
+    try:
+        out_shape, in_shape = wrapped.output_shape, wrapped.input_shape
+    except (AttributeError, RuntimeError):
+        return 0
+    if isinstance(out_shape, list) or isinstance(in_shape, list):
+        return 0
+    spatial_out = int(np.prod([d for d in out_shape[1:-1] if d])) if len(out_shape) > 2 else 1
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return spatial_out * int(np.prod(layer.kernel_size)) * int(out_shape[-1])
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        depthwise_channels = int(in_shape[-1]) * layer.depth_multiplier
+        return spatial_out * (int(np.prod(layer.kernel_size)) * depthwise_channels
+                              + depthwise_channels * int(out_shape[-1]))
+    if isinstance(layer, keras.layers.Conv2DTranspose):
+        spatial_in = int(np.prod([d for d in in_shape[1:-1] if d]))
+        return spatial_in * int(np.prod(layer.kernel_size)) * int(in_shape[-1]) * int(out_shape[-1])
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)):
+        in_per_group = int(in_shape[-1]) // max(1, getattr(layer, "groups", 1))
+        return spatial_out * int(np.prod(layer.kernel_size)) * in_per_group * int(out_shape[-1])
+    if isinstance(layer, keras.layers.Dense):
+        return spatial_out * int(in_shape[-1]) * int(out_shape[-1])
+    return 0
+
+
+def nonzero_fraction(model) -> float:
+    """Share of non-zero weights among kernels (what pruning zeroes)."""
+    kernels = [w.numpy() for layer in _leaf_layers(model) for w in unwrap(layer).weights
+               if "kernel" in w.name]
+    total = sum(k.size for k in kernels)
+    return float(sum(np.count_nonzero(k) for k in kernels) / total) if total else 1.0
+
+
+BACKEND = TensorFlowBackend()

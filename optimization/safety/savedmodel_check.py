@@ -1,0 +1,119 @@
+"""Refuse a SavedModel whose graph touches files or runs Python, before TensorFlow loads it.
+
+A SavedModel is a graph, not code, but graph ops can read and write files (ReadFile,
+WriteFile, summary writers, datasets over files) or call back into Python (PyFunc). We parse
+`saved_model.pb` as a protobuf and look at every op: the main graphs and every function in
+their libraries. Checkpoint ops (SaveV2, RestoreV2, ...) are allowed only inside the save and
+restore functions the SavedModel's own `saver_def` points at: that is how variables load.
+The Keras metadata (layer configs) gets the same allowlist check as `.keras` uploads.
+
+This runs in the worker: the protobuf classes come from tensorflow, imported inside the
+functions so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from optimization.base import InvalidInputError, UnsafeModelError
+from optimization.safety.keras_check import check_keras_config
+
+FORBIDDEN_OPS = frozenset({
+    # Python callbacks
+    "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    # files
+    "ReadFile", "WriteFile", "MatchingFiles", "MatchingFilesDataset", "ImmutableConst",
+    "InitializeTableFromTextFile", "InitializeTableFromTextFileV2", "LoadAndRemapMatrix",
+    "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2",
+    "FixedLengthRecordReader", "FixedLengthRecordReaderV2", "TFRecordReader",
+    "TFRecordReaderV2", "IdentityReader", "IdentityReaderV2", "LMDBReader",
+    "TextLineDataset", "TFRecordDataset", "TFRecordDatasetV2", "FixedLengthRecordDataset",
+    "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset",
+    "DatasetToTFRecord", "ExperimentalDatasetToTFRecord", "SaveDataset", "SaveDatasetV2",
+    "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2", "CacheDatasetV2", "RecordInput",
+    # summaries and debugging sinks write files
+    "CreateSummaryFileWriter", "CreateSummaryDbWriter", "WriteSummary", "WriteScalarSummary",
+    "WriteHistogramSummary", "WriteImageSummary", "WriteAudioSummary", "WriteGraphSummary",
+    "WriteRawProtoSummary", "FlushSummaryWriter", "DebugIdentity", "DebugIdentityV2",
+    "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary", "DebugNumericSummaryV2",
+    "PrintV2",
+    # checkpoint ops outside the standard restore (allowed there, see above)
+    "Save", "SaveSlices", "SaveV2", "Restore", "RestoreSlice", "RestoreV2",
+    "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec",
+})
+CHECKPOINT_OPS = frozenset({
+    "SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec",
+})
+
+
+def check_savedmodel_dir(directory: Path) -> None:
+    """Raise UnsafeModelError when any graph op is forbidden or any Keras layer is unsafe."""
+    directory = Path(directory)
+    pb_path = directory / "saved_model.pb"
+    if not pb_path.is_file():
+        raise InvalidInputError(
+            "The zip holds no saved_model.pb at its top level (or in one top folder); "
+            "zip the folder written by model.save('dir') / tf.saved_model.save."
+        )
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(pb_path.read_bytes())
+    except DecodeError as error:
+        raise InvalidInputError(f"saved_model.pb is not a valid SavedModel ({error})") from error
+    for meta_graph in saved_model.meta_graphs:
+        _check_meta_graph(meta_graph)
+    _check_keras_metadata(directory / "keras_metadata.pb")
+
+
+def _check_meta_graph(meta_graph) -> None:
+    graph = meta_graph.graph_def
+    checkpoint_functions = _standard_checkpoint_functions(meta_graph)
+    for node in graph.node:
+        _refuse_if_forbidden(node.op, "the main graph")
+    for function in graph.library.function:
+        name = function.signature.name
+        allowed = CHECKPOINT_OPS if name in checkpoint_functions else frozenset()
+        for node in function.node_def:
+            if node.op not in allowed:
+                _refuse_if_forbidden(node.op, f"function {name}")
+
+
+def _standard_checkpoint_functions(meta_graph) -> set[str]:
+    """The functions called by the nodes that `saver_def` names for save and restore."""
+    saver = meta_graph.saver_def
+    entry_nodes = {saver.save_tensor_name.split(":")[0], saver.restore_op_name.split(":")[0]}
+    entry_nodes.discard("")
+    names = set()
+    for node in meta_graph.graph_def.node:
+        if node.name in entry_nodes and "f" in node.attr:
+            names.add(node.attr["f"].func.name)
+    return names
+
+
+def _refuse_if_forbidden(op: str, where: str) -> None:
+    if op in FORBIDDEN_OPS or "PyFunc" in op:
+        raise UnsafeModelError(
+            f"Refused: the SavedModel uses the op {op!r} in {where}; it reads or writes files "
+            "or runs Python when the model runs. Export a model whose graph only computes "
+            "(no tf.io file ops, tf.py_function or summaries) and upload it again."
+        )
+
+
+def _check_keras_metadata(path: Path) -> None:
+    if not path.is_file():
+        return
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    metadata = saved_metadata_pb2.SavedMetadata()
+    metadata.ParseFromString(path.read_bytes())
+    for node in metadata.nodes:
+        if node.identifier == "_tf_keras_metric":  # compile-time metrics: not loaded (compile=False)
+            continue
+        try:
+            spec = json.loads(node.metadata)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"keras_metadata.pb is malformed ({error})") from error
+        check_keras_config(spec)
