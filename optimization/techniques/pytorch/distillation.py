@@ -1,0 +1,80 @@
+"""Knowledge distillation into a smaller student: the teacher with `student_ratio` of its
+channels removed (Torch-Pruning, so the shapes stay compatible) and re-initialised, trained on
+the teacher's softened outputs (KL at temperature T, times T^2) mixed with the hard labels
+(weight `alpha` on the soft part). The same student is also trained without the teacher for
+the same epochs, so the gain from distillation is visible in the details."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.nn import functional as F
+
+from optimization.backends import pytorch as backend
+from optimization.techniques.pytorch._common import (
+    EXPORT_SECONDS,
+    PyTorchTechnique,
+    copy_module,
+    prune_channels,
+    require_trainable,
+)
+
+
+def reinitialise(module) -> None:
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+
+
+def distillation_loss(teacher, temperature: float, alpha: float):
+    def loss(logits, targets, inputs):
+        with torch.no_grad():
+            soft_targets = F.softmax(teacher(inputs) / temperature, dim=-1)
+        soft = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft_targets,
+                        reduction="batchmean") * temperature ** 2
+        return alpha * soft + (1 - alpha) * F.cross_entropy(logits, targets)
+    return loss
+
+
+class Technique(PyTorchTechnique):
+    name = "distillation"
+    defaults = {"temperature": 4.0, "alpha": 0.7, "epochs": 6, "learning_rate": 1e-3, "student_ratio": 0.5}
+
+    def estimate_time(self, model_info, config) -> float:
+        options = self.options(config)
+        # the student twice (with and without the teacher) plus the teacher's forward passes,
+        # a third of a training step each
+        return (2 * self.pruned_training_seconds(model_info, options["epochs"], options["student_ratio"])
+                + self.training_seconds(model_info, options["epochs"] / 3) + 2 * EXPORT_SECONDS)
+
+    def optimize(self, model, config, dataset, progress):
+        require_trainable(model, self.name)
+        options = self.options(config)
+        teacher = model.module
+        backend.set_eval(teacher)
+        student = prune_channels(copy_module(model), model.input_shape, options["student_ratio"])
+        reinitialise(student)
+        backend.set_seed(config.seed)
+        baseline_student = copy.deepcopy(student)
+        epochs, lr = options["epochs"], options["learning_rate"]
+        backend.train(student, dataset, epochs, lr, progress, (0.0, 0.55), seed=config.seed,
+                      loss_fn=distillation_loss(teacher, options["temperature"], options["alpha"]),
+                      message="distilling")
+        backend.train(baseline_student, dataset, epochs, lr, progress, (0.55, 0.9), seed=config.seed,
+                      message="training the same student without the teacher")
+        distilled = backend.evaluate(student, dataset.x_test, dataset.y_test)
+        alone = backend.evaluate(baseline_student, dataset.x_test, dataset.y_test)
+        progress(0.92, "exporting the student", {"accuracy": distilled, "accuracy_without_teacher": alone})
+        teacher_params, teacher_macs = backend.count_params_macs(teacher, model.input_shape)
+        details = {
+            "student": f"the teacher with {options['student_ratio']:.0%} of its channels removed, re-initialised",
+            "temperature": options["temperature"], "alpha": options["alpha"], "epochs": epochs,
+            "student_test_accuracy_with_teacher": round(distilled, 4),
+            "student_test_accuracy_without_teacher": round(alone, 4),
+            "gain_from_distillation_points": round(100 * (distilled - alone), 2),
+            "teacher_params": teacher_params, "teacher_macs": teacher_macs,
+            "architecture_unchanged": False,
+        }
+        result = self.result(config, model, student, details)
+        progress(1.0, "student written", {"params": result.params})
+        return result

@@ -1,0 +1,1 @@
+"""Built-in model architectures, per framework, for `.pth` state_dict uploads and demos."""

@@ -1,0 +1,112 @@
+"""The PyTorch backend: every upload format loads (safely), exports to ONNX that onnxruntime
+runs with any batch size, and the demo model trains to a useful accuracy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from optimization.backends import pytorch as backend  # noqa: E402
+from optimization.base import InvalidInputError, UnsafeModelError  # noqa: E402
+from optimization.datasets import load_digits_preset  # noqa: E402
+from optimization.zoo.pytorch import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_digits_preset(tmp_path_factory.mktemp("preset"), "NCHW")
+
+
+@pytest.fixture(scope="module")
+def demo_pt2(digits, tmp_path_factory):
+    return backend.BACKEND.train_demo_model(digits, tmp_path_factory.mktemp("demo") / "digits_cnn.pt2")
+
+
+def test_demo_model_reaches_95_percent_in_onnxruntime(demo_pt2, digits, tmp_path):
+    model = backend.BACKEND.load(demo_pt2)
+    onnx_path = backend.BACKEND.export_deploy(model, tmp_path / "demo.onnx")
+    assert backend.onnx_accuracy(onnx_path, digits.x_test, digits.y_test) >= 0.95
+
+
+def test_pt2_saved_by_edgeopt_loads_back_as_the_zoo_module(demo_pt2):
+    model = backend.BACKEND.load(demo_pt2)
+    assert model.input_shape == (1, 8, 8)
+    assert model.num_classes == 10 and model.architecture == "digits_cnn"
+    assert any(isinstance(m, torch.nn.Conv2d) for m in model.module.modules())  # prunable, not a flat graph
+
+
+def test_foreign_pt2_loads_as_a_graph_with_the_signature_input_shape(tmp_path):
+    module = build("resnet_small", 4, 3).eval()
+    torch.export.save(torch.export.export(module, (torch.randn(1, 3, 16, 16),)), tmp_path / "foreign.pt2")
+    model = backend.BACKEND.load(tmp_path / "foreign.pt2")
+    assert model.input_shape == (3, 16, 16) and model.num_classes == 4
+    sample = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(model.module(sample), module(sample), atol=1e-5)
+
+
+def test_pt2_whose_architecture_record_does_not_fit_its_weights_loads_as_the_exported_graph(tmp_path):
+    import json
+
+    module = build("digits_cnn", 10, 1).eval()
+    program = torch.export.export(module, (torch.zeros(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    forged = {"name": "digits_cnn", "num_classes": 10, "kwargs": {"width": 10**6}}
+    torch.export.save(program, tmp_path / "forged.pt2",
+                      extra_files={backend.ARCHITECTURE_EXTRA_FILE: json.dumps(forged)})
+    model = backend.BACKEND.load(tmp_path / "forged.pt2")
+    assert model.architecture is None
+    sample = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(model.module(sample), module(sample), atol=1e-5)
+
+
+def test_torchscript_needs_an_input_shape_and_then_matches_the_original(tmp_path):
+    module = build("digits_cnn", 10, 1).eval()
+    torch.jit.save(torch.jit.trace(module, torch.zeros(2, 1, 8, 8)), tmp_path / "m.pt")
+    with pytest.raises(InvalidInputError, match="input_shape"):
+        backend.BACKEND.load(tmp_path / "m.pt")
+    model = backend.BACKEND.load(tmp_path / "m.pt", input_shape=(1, 8, 8))
+    onnx_path = backend.BACKEND.export_deploy(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    assert np.allclose(backend.BACKEND.predict(onnx_path, x), module(torch.from_numpy(x)).detach().numpy(), atol=1e-4)
+
+
+def test_state_dict_loads_into_the_named_architecture_with_classes_inferred(tmp_path):
+    module = build("mobilenet_v2", 7, 3)
+    torch.save(module.state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(InvalidInputError, match="architecture"):
+        backend.BACKEND.load(tmp_path / "weights.pth")
+    model = backend.BACKEND.load(tmp_path / "weights.pth", architecture="mobilenet_v2")
+    assert model.num_classes == 7 and model.input_shape == (3, 32, 32)
+    with pytest.raises(InvalidInputError, match="does not match"):
+        backend.BACKEND.load(tmp_path / "weights.pth", architecture="resnet_small")
+
+
+def test_pickled_whole_model_is_refused_with_what_to_upload_instead(tmp_path):
+    torch.save(build("digits_cnn", 10, 1), tmp_path / "whole.pth")
+    with pytest.raises(UnsafeModelError, match=r"torch\.export.*TorchScript.*state_dict"):
+        backend.BACKEND.load(tmp_path / "whole.pth", architecture="digits_cnn")
+
+
+def test_onnx_upload_is_post_training_only_and_runs_batches(demo_pt2, digits, tmp_path):
+    exported = backend.BACKEND.export_deploy(backend.BACKEND.load(demo_pt2), tmp_path / "up.onnx")
+    model = backend.BACKEND.load(exported)
+    assert not model.trainable and model.input_shape == (1, 8, 8) and model.num_classes == 10
+    copy = backend.BACKEND.export_deploy(model, tmp_path / "copy.onnx")
+    logits = backend.BACKEND.predict(copy, digits.x_test[:300])
+    assert logits.shape == (300, 10)
+    assert backend.BACKEND.latency_ms(copy, digits.x_test[0]) > 0
+
+
+def test_native_save_round_trips(demo_pt2, digits, tmp_path):
+    model = backend.BACKEND.load(demo_pt2)
+    again = backend.BACKEND.load(backend.BACKEND.save_native(model, tmp_path / "again.pt2"))
+    assert np.allclose(backend.predict_torch(again.module, digits.x_test[:20]),
+                       backend.predict_torch(model.module, digits.x_test[:20]), atol=1e-5)
+
+
+def test_mac_counter_counts_convolutions_and_linear_layers():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10))
+    params, macs = backend.count_params_macs(conv, (1, 8, 8))
+    assert params == 4 * 9 + 4 + 256 * 10 + 10
+    assert macs == 8 * 8 * 4 * 9 + 256 * 10

@@ -1,0 +1,162 @@
+"""The seven PyTorch techniques on the digits demo model, with 1-2 epochs of fine-tuning.
+Every check re-runs the saved ONNX file in onnxruntime, outside the technique."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from optimization.backends import pytorch as backend  # noqa: E402
+from optimization.base import (  # noqa: E402
+    TECHNIQUES,
+    ExperimentStopped,
+    TechniqueConfig,
+    TechniqueNotApplicable,
+)
+from optimization.datasets import load_digits_preset  # noqa: E402
+
+FAST_OPTIONS = {
+    "prune_unstructured": {"epochs": 1},
+    "prune_structured": {"epochs": 2},
+    "distillation": {"epochs": 2},
+    "qat": {"epochs": 1},
+    "hybrid": {"epochs": 2},
+}
+
+
+def technique(name):
+    return importlib.import_module(f"optimization.techniques.pytorch.{name}").Technique()
+
+
+def ignore_progress(fraction, message, metrics):
+    assert 0.0 <= fraction <= 1.0
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_digits_preset(tmp_path_factory.mktemp("preset"), "NCHW")
+
+
+@pytest.fixture(scope="module")
+def teacher(digits, tmp_path_factory):
+    return backend.BACKEND.load(backend.train_demo_model(digits, tmp_path_factory.mktemp("demo") / "digits_cnn.pt2"))
+
+
+@pytest.fixture(scope="module")
+def baseline(teacher, digits, tmp_path_factory):
+    path = backend.BACKEND.export_deploy(teacher, tmp_path_factory.mktemp("baseline") / "baseline.onnx")
+    return {"path": path, "size": os.path.getsize(path),
+            "accuracy": backend.onnx_accuracy(path, digits.x_test, digits.y_test)}
+
+
+@pytest.fixture(scope="module")
+def run(teacher, digits, tmp_path_factory):
+    """Each technique runs once per module; tests share the result."""
+    cache = {}
+
+    def run_technique(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            config = TechniqueConfig(tmp_path_factory.mktemp(name), {**FAST_OPTIONS.get(name, {}), **options})
+            cache[key] = technique(name).optimize(teacher, config, digits, ignore_progress)
+        return cache[key]
+
+    return run_technique
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_saved_onnx_runs_in_onnxruntime_at_about_the_baseline_accuracy(name, run, digits, baseline):
+    result = run(name)
+    deploy = result.artifacts["deploy"]
+    assert deploy.name == f"{name}.onnx"
+    accuracy = backend.onnx_accuracy(deploy, digits.x_test, digits.y_test)
+    assert accuracy >= baseline["accuracy"] - 0.05
+    assert backend.BACKEND.latency_ms(deploy, digits.x_test[0]) > 0
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_native_pt2_passes_the_safety_scan_and_loads(name, run):
+    native = run(name).artifacts["native"]
+    assert native.name == f"{name}.pt2"
+    assert backend.BACKEND.load(native).input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("name, max_fraction", [("ptq_int8", 0.30), ("qat", 0.30), ("ptq_int4", 0.20), ("hybrid", 0.15)])
+def test_quantized_file_is_a_fraction_of_the_fp32_onnx(name, max_fraction, run, baseline):
+    assert os.path.getsize(run(name).artifacts["deploy"]) <= max_fraction * baseline["size"]
+
+
+def test_int4_all4_mode_is_smaller_than_fc4_conv8_and_reports_the_wider_layers(run):
+    default, all4 = run("ptq_int4"), run("ptq_int4", mode="all4")
+    assert os.path.getsize(all4.artifacts["deploy"]) < os.path.getsize(default.artifacts["deploy"])
+    assert default.details["layers"]["4-bit MatMulNBits"]
+    assert all("INT8" in why for why in default.details["kept_wider"].values())
+
+
+@pytest.mark.parametrize("name", ["prune_structured", "distillation", "hybrid"])
+def test_smaller_models_have_fewer_params_and_macs_than_the_teacher(name, run, teacher):
+    params, macs = backend.count_params_macs(teacher.module, teacher.input_shape)
+    result = run(name)
+    assert result.params < 0.5 * params and result.macs < 0.5 * macs
+
+
+def test_unstructured_pruning_reaches_its_sparsity_and_compresses_better(run, baseline):
+    details = run("prune_unstructured").details
+    assert abs(details["sparsity_reached"] - 0.5) < 0.01
+    assert details["dense_size_bytes"] >= 0.95 * baseline["size"]  # honest: zeros are still stored
+    assert (details["compressed_size_bytes (gzip of the ONNX)"]
+            < 0.8 * details["baseline_compressed_size_bytes (gzip of the FP32 ONNX)"])
+
+
+def test_distillation_reports_the_student_with_and_without_the_teacher(run):
+    details = run("distillation").details
+    assert 0.5 < details["student_test_accuracy_with_teacher"] <= 1.0
+    assert 0.5 < details["student_test_accuracy_without_teacher"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["prune_unstructured", "prune_structured", "distillation", "qat", "hybrid"])
+def test_stop_during_training_ends_the_technique_at_once(name, teacher, digits, tmp_path):
+    calls = []
+
+    def stop_when_training(fraction, message, metrics):
+        calls.append(message)
+        if "epoch" in message:
+            raise ExperimentStopped()
+
+    with pytest.raises(ExperimentStopped):
+        technique(name).optimize(teacher, TechniqueConfig(tmp_path, {"epochs": 50}), digits, stop_when_training)
+    assert "epoch" in calls[-1] and sum("epoch" in m for m in calls) == 1
+    assert not (tmp_path / f"{name}.onnx").exists()
+
+
+def test_onnx_upload_gets_post_training_quantization_but_not_training(baseline, digits, tmp_path):
+    onnx_model = backend.BACKEND.load(baseline["path"])
+    result = technique("ptq_int8").optimize(onnx_model, TechniqueConfig(tmp_path), digits, ignore_progress)
+    assert "native" not in result.artifacts
+    assert backend.onnx_accuracy(result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
+    with pytest.raises(TechniqueNotApplicable, match="ONNX"):
+        technique("prune_structured").optimize(onnx_model, TechniqueConfig(tmp_path), digits, ignore_progress)
+
+
+def test_fixed_batch_export_cannot_be_fine_tuned_and_says_how_to_fix_it(digits, tmp_path):
+    from optimization.zoo.pytorch import build
+
+    module = build("digits_cnn", 10, 1).eval()
+    torch.export.save(torch.export.export(module, (torch.zeros(1, 1, 8, 8),)), tmp_path / "fixed.pt2")
+    model = backend.BACKEND.load(tmp_path / "fixed.pt2")
+    with pytest.raises(TechniqueNotApplicable, match="dynamic batch"):
+        technique("qat").optimize(model, TechniqueConfig(tmp_path), digits, ignore_progress)
+    logits = backend.BACKEND.predict(backend.BACKEND.export_deploy(model, tmp_path / "fixed.onnx"), digits.x_test[:3])
+    assert np.allclose(logits, module(torch.from_numpy(digits.x_test[:3])).detach().numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_estimated_time_is_positive_and_grows_with_the_data(name):
+    config = TechniqueConfig(output_dir=None)
+    small = {"params": 360_000, "macs": 2.6e6, "train_samples": 1_000, "calib_samples": 128}
+    large = {**small, "train_samples": 60_000, "calib_samples": 1_000}
+    assert 0 < technique(name).estimate_time(small, config) <= technique(name).estimate_time(large, config)
