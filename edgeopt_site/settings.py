@@ -82,8 +82,9 @@ def database_config(url: str, base_dir: Path) -> dict:
                 "DATABASE_URL must name a SQLite file: the web and the worker processes share it"
             )
         config["OPTIONS"] = dict(SQLITE_OPTIONS)
-        # A file, not memory: the end-to-end test points real server and worker processes at it.
-        config["TEST"] = {"NAME": str(base_dir / "test_db.sqlite3")}
+        # A file, not memory: the end-to-end test points real server and worker processes at
+        # it. One per test run (pid), so two runs in one checkout do not share it.
+        config["TEST"] = {"NAME": str(base_dir / f"test_db_{os.getpid()}.sqlite3")}
     elif engine == "django.db.backends.postgresql":
         config.setdefault("OPTIONS", {})
     else:

@@ -143,3 +143,26 @@ def finished_experiment(ready_experiment, storage_root):
     experiment.refresh_from_db()
     experiment.finish(Experiment.Status.COMPLETED)
     return experiment
+
+
+@pytest.fixture(scope="session")
+def demo_storage(tmp_path_factory):
+    """Storage with the digits preset and the PyTorch digits_cnn, trained once per session."""
+    from optimization.demo import seed_demo
+
+    root = tmp_path_factory.mktemp("demo-storage")
+    seed_demo(root, frameworks=("pytorch",), log=lambda message: None)
+    return root
+
+
+@pytest.fixture
+def stack(demo_storage, tmp_path, settings, transactional_db):
+    """Real Daphne + qcluster processes on the test database, storage shared with this test."""
+    from tests.live import running_stack
+
+    settings.EDGEOPT_STORAGE_ROOT = demo_storage
+    with running_stack(demo_storage, tmp_path / "logs") as running:
+        try:
+            yield running
+        finally:
+            print(running.logs())  # shown by pytest only when the test failed

@@ -58,7 +58,7 @@ def test_database_config_refuses_unsupported_urls(url, tmp_path):
 def test_sqlite_is_set_up_for_a_web_and_a_worker_process(tmp_path):
     config = database_config(f"sqlite:///{tmp_path / 'db.sqlite3'}", tmp_path)
 
-    assert config["TEST"]["NAME"] == str(tmp_path / "test_db.sqlite3")
+    assert config["TEST"]["NAME"] == str(tmp_path / f"test_db_{os.getpid()}.sqlite3")
     assert config["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
     assert "journal_mode=WAL" in config["OPTIONS"]["init_command"]
 

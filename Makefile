@@ -1,0 +1,38 @@
+# The two commands: `make run` (web + worker on SQLite, demo ready) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test setup bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and exactly pinned: it takes the CPU wheel; anything looser pulls CUDA.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo
+
+run: setup
+	@echo "EdgeOpt on http://$(HOST):$(PORT)/ (web + worker; Ctrl-C stops both)"
+	$(PY) manage.py qcluster & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
+	$(PY) manage.py runserver --noreload $(HOST):$(PORT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/pytorch_techniques.py
+	$(PY) bench/tensorflow_techniques.py
+	$(PY) bench/estimator_validation.py
+
+clean:
+	rm -rf $(VENV)
