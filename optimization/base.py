@@ -60,6 +60,9 @@ class LoadedModel:
     architecture: str | None = None
     # Only the post-training techniques accept a model the engine cannot train (ONNX).
     trainable: bool = True
+    # What loading did to make the model usable (e.g. a fixed-batch export generalised to any
+    # batch); techniques copy it into their details.
+    preparation: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -85,16 +85,19 @@ class PyTorchBackend:
         return save_pt2(model.module, model.input_shape, Path(path), model.architecture, model.num_classes)
 
     def predict(self, deploy_path: Path, x) -> np.ndarray:
-        """Logits for a batch in the model's layout, in chunks of PREDICT_BATCH (or one sample
-        at a time for a model exported with a fixed batch of 1)."""
+        """Logits for a batch in the model's layout, in chunks of PREDICT_BATCH (or, for a model
+        exported with a fixed batch, chunks of that size, the last padded with zeros)."""
         session = ort_session(deploy_path)
         x = np.asarray(x, dtype=np.float32)
         batch_dim = session.get_inputs()[0].shape[0]
-        step = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else PREDICT_BATCH
+        fixed = isinstance(batch_dim, int) and batch_dim > 0
+        step = batch_dim if fixed else PREDICT_BATCH
         input_name = session.get_inputs()[0].name
-        return np.concatenate(
-            [session.run(None, {input_name: x[i:i + step]})[0] for i in range(0, len(x), step)]
-        )
+        chunks = [x[i:i + step] for i in range(0, len(x), step)]
+        return np.concatenate([
+            session.run(None, {input_name: pad_batch(chunk, step) if fixed else chunk})[0][:len(chunk)]
+            for chunk in chunks
+        ])
 
     def latency_ms(self, deploy_path: Path, sample) -> float:
         """Batch-1 latency in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers compare across
@@ -165,8 +168,7 @@ def _prepare_graph(module, input_shape: tuple):
     batch = placeholder.meta["val"].shape[0]
     module, fixed, preparation = prepare_exported_module(module, batch if isinstance(batch, int) else None,
                                                          input_shape)
-    if fixed:
-        module.edgeopt_fixed_batch = fixed
+    mark_fixed_batch(module, fixed)
     set_eval(module)
     return module, preparation
 
@@ -242,8 +244,21 @@ def _output_classes(module, input_shape: tuple) -> int:
 
 
 def fixed_batch(module) -> int | None:
-    """The only batch size a model exported with a static batch dimension accepts (else None)."""
+    """The only batch size a model exported with a static batch dimension that could not be
+    generalised accepts (else None)."""
     return getattr(module, "edgeopt_fixed_batch", None)
+
+
+def mark_fixed_batch(module, batch: int | None):
+    """Record on `module` (e.g. a re-traced copy) that it only runs batches of `batch`."""
+    if batch:
+        module.edgeopt_fixed_batch = batch
+    return module
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """`x` padded with zero samples to `size` rows, for a model that only takes that batch."""
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)]) if len(x) < size else x
 
 
 # --------------------------------------------------------------------------- saving and export
@@ -341,10 +356,14 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = PREDICT_BAT
 
 def predict_torch(module, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     set_eval(module)
+    fixed = fixed_batch(module)
+    batch_size = fixed or batch_size
+    x = np.asarray(x, dtype=np.float32)
+    chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     with torch.no_grad():
         return np.concatenate([
-            module(torch.from_numpy(np.asarray(x[i:i + batch_size], dtype=np.float32))).numpy()
-            for i in range(0, len(x), batch_size)
+            module(torch.from_numpy(pad_batch(chunk, fixed) if fixed else chunk)).numpy()[:len(chunk)]
+            for chunk in chunks
         ])
 
 
@@ -356,13 +375,16 @@ def train(module, dataset, epochs: int, lr: float, progress: ProgressFn,
     """Adam (or the given optimizer) over dataset.x_train for `epochs`, reporting
     progress(fraction, message, {"loss", "train_accuracy", "epoch"}) after every batch; an
     ExperimentStopped raised by progress propagates and stops at once. `after_step` runs after
-    each optimizer step (e.g. to keep pruned weights at zero). Returns the last epoch's metrics."""
+    each optimizer step (e.g. to keep pruned weights at zero). A model that only takes a fixed
+    batch trains in batches of that size. Returns the last epoch's metrics."""
     set_seed(seed)
     loss_fn = loss_fn or (lambda logits, targets, inputs: nn.functional.cross_entropy(logits, targets))
     optimizer = optimizer or torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     x = torch.from_numpy(np.asarray(dataset.x_train, dtype=np.float32))
     y = torch.from_numpy(np.asarray(dataset.y_train, dtype=np.int64))
-    batches = max(1, -(-len(x) // batch_size))
+    batch_size = fixed_batch(module) or batch_size
+    # a fixed-batch model cannot take the last, smaller batch: it is left out of each epoch
+    batches = max(1, len(x) // batch_size if fixed_batch(module) else -(-len(x) // batch_size))
     total_steps = max(1, epochs * batches)
     start, end = progress_span
     generator = torch.Generator().manual_seed(seed)

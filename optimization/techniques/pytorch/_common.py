@@ -43,6 +43,8 @@ class PyTorchTechnique(BaseOptimization):
         wrote a quantized one) and count its parameters and MACs. An ONNX upload has no torch
         module: then only the deploy file exists."""
         deploy, native = self.paths(config)
+        if model.preparation:
+            details.setdefault("model_preparation", model.preparation)
         if model.source_format == "onnx":
             details["native"] = "none: the model was uploaded as ONNX, so there is no PyTorch form"
             return OptimizedResult({"deploy": deploy}, details)
@@ -74,11 +76,6 @@ def require_trainable(model: LoadedModel, technique: str) -> None:
         raise TechniqueNotApplicable(
             f"{technique} trains the model, and an ONNX upload cannot be trained; upload a .pt2, .pt or .pth"
         )
-    if backend.fixed_batch(model.module):
-        raise TechniqueNotApplicable(
-            f"{technique} trains in batches, but this .pt2 was exported for a fixed batch of "
-            f"{backend.fixed_batch(model.module)}; re-export it with a dynamic batch dimension (torch.export.Dim)"
-        )
 
 
 def copy_module(model: LoadedModel):
@@ -100,10 +97,12 @@ def quantize_model_int8(model: LoadedModel, out_path: Path, calib_x: np.ndarray,
 class _ArrayReader:
     """onnxruntime CalibrationDataReader over a numpy array, in batches."""
 
-    def __init__(self, input_name: str, x: np.ndarray):
+    def __init__(self, input_name: str, x: np.ndarray, fixed_batch: int | None = None):
+        x = np.asarray(x, dtype=np.float32)
+        size = fixed_batch or CALIBRATION_BATCH
         self._batches = iter(
-            {input_name: np.asarray(x[i:i + CALIBRATION_BATCH], dtype=np.float32)}
-            for i in range(0, len(x), CALIBRATION_BATCH)
+            {input_name: backend.pad_batch(x[i:i + size], size) if fixed_batch else x[i:i + size]}
+            for i in range(0, len(x), size)
         )
 
     def get_next(self):
@@ -120,10 +119,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray,
 
     prepared = out_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    input_name = backend.ort_session(prepared).get_inputs()[0].name
+    model_input = backend.ort_session(prepared).get_inputs()[0]
+    # a model exported for a fixed batch (shape[0] an int) is calibrated in batches of that size
+    fixed = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
     try:
         quantize_static(
-            str(prepared), str(out_path), _ArrayReader(input_name, calib_x),
+            str(prepared), str(out_path), _ArrayReader(model_input.name, calib_x, fixed),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
@@ -218,22 +219,61 @@ def file_size(path: Path) -> int:
 def prune_channels(module, input_shape: tuple, ratio: float, round_to: int | None = None):
     """Remove `ratio` of the channels of every prunable layer, ranked by L2 magnitude with
     Torch-Pruning's dependency graph (coupled layers pruned together); the classifier keeps its
-    outputs. Works in place and returns the module."""
+    outputs. Returns a pruned copy, checked to still run; `module` itself is left as it was."""
+    import torch
+
+    if not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in module.modules()):
+        raise TechniqueNotApplicable(
+            "the model has no convolution or fully connected layer with its own weights (as an nn.Conv2d/"
+            "nn.Linear or an aten.conv2d/linear op) to remove channels from"
+        )
+    classifier = getattr(module, "classifier", None)
+    ignored = [classifier] if isinstance(classifier, torch.nn.Linear) else [
+        m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    example = torch.zeros(backend.fixed_batch(module) or 1, *input_shape)
+    backend.set_eval(module)
+    pruned, error = _prune_copy(module, example, ratio, round_to, ignored)
+    if error:
+        # Torch-Pruning misplaces channel indices where a concatenation reaches a fully connected
+        # layer through a flatten (VainF/Torch-Pruning#146, #481): keep those channels and retry
+        pruned, error = _prune_copy(module, example, ratio, round_to,
+                                    ignored + _layers_reaching_linear_inputs(module, example, ignored))
+    if error:
+        raise TechniqueNotApplicable(f"Torch-Pruning could not remove channels consistently from this graph: {error}")
+    return pruned
+
+
+def _prune_copy(module, example, ratio: float, round_to: int | None, ignored: list):
+    """(pruned copy, None), or (None, why the pruned copy does not run)."""
     import torch
     import torch_pruning as tp
 
-    classifier = getattr(module, "classifier", None)
-    if not any(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in module.modules()):
-        raise TechniqueNotApplicable(
-            "this model is a flat exported graph with no Conv2d/Linear modules to remove channels from; "
-            "upload a .pth state_dict of a built-in architecture, or a .pt2 saved by EdgeOpt"
-        )
-    ignored = [classifier] if isinstance(classifier, torch.nn.Linear) else [
-        m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    backend.set_eval(module)
-    pruner = tp.pruner.MetaPruner(
-        module, torch.zeros(1, *input_shape), importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to,
-    )
-    pruner.step()
-    return module
+    candidate = copy.deepcopy(module)
+    by_name = dict(module.named_modules())
+    candidate_modules = dict(candidate.named_modules())
+    ignored_in_copy = [candidate_modules[name] for name, layer in by_name.items()
+                       if any(layer is m for m in ignored)]
+    tp.pruner.MetaPruner(
+        candidate, example, importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio, ignored_layers=ignored_in_copy, round_to=round_to,
+    ).step()
+    try:
+        with torch.no_grad():
+            candidate(example)
+    except RuntimeError as error:
+        return None, str(error).splitlines()[0]
+    return candidate, None
+
+
+def _layers_reaching_linear_inputs(module, example, ignored: list) -> list:
+    """The layers whose pruning group removes input features of a fully connected layer."""
+    import torch
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(module, example_inputs=example)
+    reaching = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[torch.nn.Conv2d, torch.nn.Linear]):
+        if any(isinstance(item.dep.target.module, torch.nn.Linear) and item.dep.handler == tp.prune_linear_in_channels
+               for item in group):
+            reaching.append(group[0].dep.source.module)
+    return reaching

@@ -14,7 +14,6 @@ from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
     EXPORT_SECONDS,
     PyTorchTechnique,
-    copy_module,
     prune_channels,
     require_trainable,
 )
@@ -52,7 +51,7 @@ class Technique(PyTorchTechnique):
         options = self.options(config)
         teacher = model.module
         backend.set_eval(teacher)
-        student = prune_channels(copy_module(model), model.input_shape, options["student_ratio"])
+        student = prune_channels(model.module, model.input_shape, options["student_ratio"])
         reinitialise(student)
         backend.set_seed(config.seed)
         baseline_student = copy.deepcopy(student)

@@ -9,7 +9,6 @@ from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
     PyTorchTechnique,
     compressed_size,
-    copy_module,
     file_size,
     prune_channels,
     quantize_model_int8,
@@ -30,9 +29,8 @@ class Technique(PyTorchTechnique):
     def optimize(self, model, config, dataset, progress):
         require_trainable(model, self.name)
         options = self.options(config)
-        module = copy_module(model)
         progress(0.02, f"removing {options['pruning_ratio']:.0%} of the channels", {})
-        prune_channels(module, model.input_shape, options["pruning_ratio"])
+        module = prune_channels(model.module, model.input_shape, options["pruning_ratio"])
         masks = prune_globally(module, options["target_sparsity"]) if options["target_sparsity"] > 0 else {}
         backend.train(module, dataset, options["epochs"], options["learning_rate"], progress, (0.05, 0.8),
                       seed=config.seed, after_step=keep_zeros(masks) if masks else None)
@@ -51,7 +49,8 @@ class Technique(PyTorchTechnique):
             "architecture_unchanged": False,
         }
         if masks:
-            details["compressed_size_bytes (gzip of the ONNX)"] = compressed_size(deploy)
+            details["compressed_size_bytes"] = compressed_size(deploy)
+            details["compression"] = "gzip -9 of the ONNX file"
         result = self.result(config, pruned, module, details, deploy_written=True)
         progress(1.0, "hybrid model written", {"size_bytes": file_size(deploy)})
         return result

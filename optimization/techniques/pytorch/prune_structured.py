@@ -7,7 +7,6 @@ from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
     EXPORT_SECONDS,
     PyTorchTechnique,
-    copy_module,
     prune_channels,
     require_trainable,
 )
@@ -25,10 +24,9 @@ class Technique(PyTorchTechnique):
     def optimize(self, model, config, dataset, progress):
         require_trainable(model, self.name)
         options = self.options(config)
-        module = copy_module(model)
-        params_before, macs_before = backend.count_params_macs(module, model.input_shape)
+        params_before, macs_before = backend.count_params_macs(model.module, model.input_shape)
         progress(0.02, f"removing {options['pruning_ratio']:.0%} of the channels", {})
-        prune_channels(module, model.input_shape, options["pruning_ratio"])
+        module = prune_channels(model.module, model.input_shape, options["pruning_ratio"])
         params_after, macs_after = backend.count_params_macs(module, model.input_shape)
         accuracy_after_pruning = backend.evaluate(module, dataset.x_calib, dataset.y_calib)
         metrics = backend.train(module, dataset, options["epochs"], options["learning_rate"], progress,

@@ -1,0 +1,124 @@
+"""Uploaded torch.export programs of architectures outside the zoo, exported for a fixed batch:
+loading generalises the batch and turns aten ops into real nn layers (optimization/backends/pytorch_graph.py)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from optimization.backends import pytorch as backend
+from optimization.techniques.pytorch._common import prune_channels
+
+
+class Fire(nn.Module):
+    def __init__(self, cin, squeeze, expand):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(cin, squeeze, 1), nn.ReLU())
+        self.e1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.e3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        s = self.squeeze(x)
+        return torch.cat([self.e1(s), self.e3(s)], dim=1)
+
+
+class FireNet(nn.Module):
+    """Concatenation, a residual add, batch norm, and a flatten spelled as x.view(x.size(0), -1),
+    which a batch-1 export bakes into aten.view(x, [1, 512])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fire = Fire(16, 8, 8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.pool(x + self.fire(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class BatchMixing(nn.Module):
+    """Sums over the batch: no rewrite makes its per-sample outputs independent of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(x.sum(0, keepdim=True).flatten(1))
+
+
+def _upload(net: nn.Module, path, side: int = 8):
+    torch.manual_seed(0)
+    net.eval()
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 3, side, side),)), path)
+    return backend.BACKEND.load(path)
+
+
+@pytest.fixture(scope="module")
+def firenet(tmp_path_factory):
+    torch.manual_seed(0)
+    net = FireNet()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a wrong mode would show
+        net.stem[1].running_mean.uniform_(-0.5, 0.5)
+        net.stem[1].running_var.uniform_(0.5, 2.0)
+    return net, _upload(net, tmp_path_factory.mktemp("pt2") / "firenet.pt2")
+
+
+def test_a_fixed_batch_export_runs_any_batch_with_the_per_sample_outputs(firenet):
+    net, model = firenet
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        batched = model.module(x)
+        per_sample = torch.cat([net(x[i:i + 1]) for i in range(5)])
+    assert backend.fixed_batch(model.module) is None
+    assert "rewritten to take any batch" in model.preparation["batch"]
+    assert torch.allclose(batched, per_sample, atol=1e-5)
+
+
+def test_aten_ops_become_real_layers_that_train(firenet):
+    _, model = firenet
+    layers = {type(m) for m in model.module.modules()}
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= layers
+    assert model.preparation["modules"] == {"Conv2d": 4, "BatchNorm2d": 1, "Linear": 1}
+    assert set(model.module.state_dict()) == set(FireNet().state_dict())  # same names as the user's model
+    assert all(p.requires_grad for p in model.module.parameters())
+    module = copy.deepcopy(model.module)
+    module.train()
+    assert module.get_submodule("stem.1").training
+    module(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert module.get_submodule("stem.0").weight.grad is not None
+
+
+def test_torch_pruning_removes_channels_through_the_concatenation_and_residual(firenet):
+    _, model = firenet
+    before = sum(p.numel() for p in model.module.parameters())
+    pruned = prune_channels(model.module, model.input_shape, 0.5)
+    assert sum(p.numel() for p in pruned.parameters()) < before
+    assert pruned(torch.randn(3, 3, 8, 8)).shape == (3, 10)
+
+
+def test_the_onnx_export_takes_batches_larger_than_the_upload(firenet, tmp_path):
+    net, model = firenet
+    x = np.random.default_rng(0).standard_normal((7, 3, 8, 8)).astype(np.float32)
+    deploy = backend.BACKEND.export_deploy(model, tmp_path / "firenet.onnx")
+    session = backend.ort_session(deploy)
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        assert np.allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def test_a_graph_that_mixes_the_batch_stays_fixed_and_is_fed_that_batch(tmp_path):
+    net = BatchMixing()
+    model = _upload(net, tmp_path / "mixing.pt2")
+    assert backend.fixed_batch(model.module) == 1
+    assert "fixed at 1" in model.preparation["batch"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.cat([net(torch.from_numpy(x[i:i + 1])) for i in range(3)]).numpy()
+    assert np.allclose(backend.predict_torch(model.module, x), expected, atol=1e-5)
+    deploy = backend.BACKEND.export_deploy(model, tmp_path / "mixing.onnx")
+    assert np.allclose(backend.BACKEND.predict(deploy, x), expected, atol=1e-4)
