@@ -102,6 +102,26 @@ def test_results_page_shows_runs_estimates_constraints_recommendation_and_downlo
     assert "baseline (FP32)" in page
 
 
+def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonymous, finished_experiment):
+    from experiments.sink import DjangoSink
+
+    sink = DjangoSink(finished_experiment)
+    sink.analysis({"params": 650, "macs": 640, "input_shape": [1, 8, 8], "peak_activation_bytes": 2048,
+                   "layers": [{"name": "fc", "type": "fc", "params": 650, "macs": 640, "output_shape": [1, 10],
+                               "activation_bytes": 40}],
+                   "bottlenecks": [{"layer": "fc", "type": "fc", "reason": "100% of the model's parameters"}]})
+    baseline = {**finished_experiment.baseline}
+    baseline["estimates"] = {**baseline["estimates"], "assumptions": ["energy = latency x board power 6.4 W"]}
+    finished_experiment.baseline = baseline
+    finished_experiment.save(update_fields=["baseline"])
+
+    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+
+    assert "Model analysis" in page
+    assert "100% of the model&#x27;s parameters" in page
+    assert "energy = latency x board power 6.4 W" in page
+
+
 def test_monitor_of_unknown_experiment_is_404(anonymous):
     assert anonymous.get("/experiments/99999/").status_code == 404
 
