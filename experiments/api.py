@@ -52,7 +52,7 @@ def api_view(*methods: str):
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
     """The one lookup every endpoint uses: 404 for an unknown id (and, with accounts, for
     an experiment that is not the user's)."""
-    experiment = Experiment.objects.select_related("progress").filter(pk=experiment_id).first()
+    experiment = services.visible_experiments(request.user).filter(pk=experiment_id).first()
     if experiment is None:
         raise services.ServiceError(f"experiment {experiment_id} does not exist", 404)
     return experiment
@@ -69,7 +69,7 @@ def not_found(request, exception=None):
 
 @api_view("GET")
 def experiment_list(request):
-    experiments = Experiment.objects.select_related("progress")
+    experiments = services.visible_experiments(request.user)
     return JsonResponse({"experiments": [experiment.to_dict() for experiment in experiments]})
 
 

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from . import services
 from .models import Experiment, ExperimentProgress
 from .sink import group_name
 
@@ -75,7 +76,7 @@ class ExperimentConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _exists(self) -> bool:
-        return Experiment.objects.filter(pk=self.experiment_id).exists()
+        return services.visible_experiments(self.scope.get("user")).filter(pk=self.experiment_id).exists()
 
     @database_sync_to_async
     def _snapshot(self, last_seq: int) -> tuple[int | None, bool, str | None]:

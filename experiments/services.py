@@ -51,6 +51,12 @@ class ServiceError(Exception):
         self.message, self.status, self.field = message, status, field
 
 
+def visible_experiments(user):
+    """The experiments `user` may see: the one place the per-user filter goes when accounts
+    come (the API, the pages and the WebSocket all look experiments up through it)."""
+    return Experiment.objects.select_related("progress")
+
+
 def max_upload_bytes() -> int:
     return settings.EDGEOPT_MAX_UPLOAD_MB * 1024 * 1024
 

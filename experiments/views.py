@@ -16,7 +16,8 @@ CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 560, 280, 48
 
 
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
-    return get_object_or_404(Experiment.objects.select_related("progress"), pk=experiment_id)
+    """The pages' 404; the API answers the same lookup with a JSON 404."""
+    return get_object_or_404(services.visible_experiments(request.user), pk=experiment_id)
 
 
 def progress_context(experiment: Experiment) -> dict:
@@ -60,7 +61,7 @@ def setup(request):
                 return redirect("experiments:monitor", experiment_id=experiment.pk)
     else:
         form = SetupForm()
-    experiments = Experiment.objects.all()[:50]
+    experiments = services.visible_experiments(request.user)[:50]
     return render(request, "experiments/setup.html", {"form": form, "experiments": experiments},
                   status=400 if form.errors else 200)
 
