@@ -5,6 +5,7 @@ user downloads — never the eager framework model.
 """
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,12 @@ def accuracy(backend: Backend, deploy_path: Path, x: np.ndarray, y: np.ndarray) 
         logits = backend.predict(deploy_path, x[start : start + EVAL_BATCH])
         correct += int((np.asarray(logits).argmax(axis=1) == y[start : start + EVAL_BATCH]).sum())
     return correct / len(x)
+
+
+def compressed_size(path: Path) -> int:
+    """Bytes of the file after gzip -9: where unstructured sparsity shows, since a dense
+    file stores every zero."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9))
 
 
 def evaluate(backend: Backend, deploy_path: Path, dataset: Dataset) -> dict:

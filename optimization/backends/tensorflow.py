@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gzip
 import shutil
 import tempfile
 import time
@@ -204,11 +203,6 @@ def write_bytes(content: bytes, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
-
-
-def gzip_size(path: Path) -> int:
-    """Bytes of the file after gzip -9: where unstructured sparsity shows."""
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9))
 
 
 def technique_result(name: str, config: TechniqueConfig, model, deploy_path: Path,

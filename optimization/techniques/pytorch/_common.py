@@ -3,7 +3,6 @@ pruning with Torch-Pruning, the time model for ETAs, and writing a technique's t
 from __future__ import annotations
 
 import copy
-import gzip
 import logging
 import os
 from pathlib import Path
@@ -203,11 +202,6 @@ def weighted_ops(path: Path) -> dict[str, list[str]]:
         if node.op_type in ("Conv", "Gemm", "MatMul", "MatMulNBits"):
             ops.setdefault(node.op_type, []).append(node.name)
     return ops
-
-
-def compressed_size(path: Path) -> int:
-    """Bytes of the file after gzip (level 9): what zero weights save in transfer and storage."""
-    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9))
 
 
 def file_size(path: Path) -> int:

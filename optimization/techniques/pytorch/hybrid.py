@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from optimization.backends import pytorch as backend
+from optimization.evaluator import compressed_size
 from optimization.techniques.pytorch._common import (
     PyTorchTechnique,
-    compressed_size,
     file_size,
     prune_channels,
     quantize_model_int8,

@@ -12,10 +12,10 @@ from torch.nn.utils import prune
 
 from optimization.base import TechniqueNotApplicable
 from optimization.backends import pytorch as backend
+from optimization.evaluator import compressed_size
 from optimization.techniques.pytorch._common import (
     EXPORT_SECONDS,
     PyTorchTechnique,
-    compressed_size,
     copy_module,
     file_size,
     require_trainable,

@@ -36,7 +36,8 @@ class Technique(BaseOptimization):
         import tensorflow_model_optimization as tfmot
 
         from optimization.backends.tensorflow import (
-            convert_to_tflite, fit, gzip_size, technique_result, tflite_int8_weight_sparsity)
+            convert_to_tflite, fit, technique_result, tflite_int8_weight_sparsity)
+        from optimization.evaluator import compressed_size
 
         options = self.options(config)
         details = {"precision": "int8", "stages": []}
@@ -67,7 +68,7 @@ class Technique(BaseOptimization):
         details.update(
             sparsity_before_int8=magnitude["sparsity"],
             sparsity_in_int8_file=round(tflite_int8_weight_sparsity(deploy), 4),
-            compressed_size_bytes=gzip_size(deploy),
+            compressed_size_bytes=compressed_size(deploy),
             size_note="size_bytes is the INT8 .tflite as downloaded; the zeros show only in "
                       "compressed_size_bytes (gzip -9)",
         )

@@ -22,7 +22,8 @@ class Technique(BaseOptimization):
         return 2 * training_seconds(model_info, self.options(config)["epochs"]) + SECONDS_PER_CONVERSION
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
-        from optimization.backends.tensorflow import convert_to_tflite, gzip_size, technique_result
+        from optimization.backends.tensorflow import convert_to_tflite, technique_result
+        from optimization.evaluator import compressed_size
 
         options = self.options(config)
         pruned, details = prune_magnitude_finetuned(model.module, dataset, options, progress,
@@ -32,7 +33,7 @@ class Technique(BaseOptimization):
         details.update(
             precision="fp32",
             dense_size_bytes=deploy.stat().st_size,
-            compressed_size_bytes=gzip_size(deploy),
+            compressed_size_bytes=compressed_size(deploy),
             size_note="the dense .tflite stores every zero, so it is NOT smaller than the "
                       "original; the gain shows in compressed_size_bytes (gzip -9) or a sparse runtime",
         )
