@@ -104,25 +104,31 @@ class ProgressTracker:
         )
 
 
-def _estimate(deploy_path: Path, framework: str, device: str, precision: str | None = None) -> dict:
-    from optimization.estimator import estimate
-
-    try:
-        return estimate(deploy_path, device, runtime=RUNTIMES[framework], precision=precision,
-                        threads=ESTIMATE_THREADS)
-    except Exception as exc:  # an estimate that cannot be made is shown as such, never invented
-        logger.exception("estimate failed for %s", deploy_path)
-        return {"device": device, "error": f"no estimate: {exc}"}
-
-
-def _analyse(deploy_path: Path) -> dict:
+def _analyse_and_estimate(deploy_path: Path, framework: str, device: str,
+                         precision: str | None = None) -> tuple[dict, dict]:
+    """(analysis, estimates) of one deploy file, parsed once for both. What cannot be
+    worked out is shown as such, never invented."""
     from optimization.analyzer import analyze
+    from optimization.estimator import estimate
+    from optimization.graph import load_model_graph
 
     try:
-        return analyze(deploy_path)
+        graph = load_model_graph(Path(deploy_path))
+    except Exception as exc:
+        logger.exception("cannot read the graph of %s", deploy_path)
+        return {"error": f"analysis failed: {exc}"}, {"device": device, "error": f"no estimate: {exc}"}
+    try:
+        analysis = analyze(graph)
     except Exception as exc:
         logger.exception("analysis failed for %s", deploy_path)
-        return {"error": f"analysis failed: {exc}"}
+        analysis = {"error": f"analysis failed: {exc}"}
+    try:
+        estimates = estimate(graph, device, runtime=RUNTIMES[framework], precision=precision,
+                             threads=ESTIMATE_THREADS)
+    except Exception as exc:
+        logger.exception("estimate failed for %s", deploy_path)
+        estimates = {"device": device, "error": f"no estimate: {exc}"}
+    return analysis, estimates
 
 
 def _compare(run_metrics: dict, baseline: dict) -> dict:
@@ -171,13 +177,13 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     tracker = ProgressTracker(sink, [("baseline", BASELINE_ESTIMATE_S)])
     tracker(0.0, "exporting the FP32 baseline")
     baseline_deploy = backend.export_deploy(model, output_dir / f"baseline{backend.deploy_suffix}")
-    analysis = _analyse(baseline_deploy)
+    analysis, baseline_estimates = _analyse_and_estimate(baseline_deploy, spec.framework, spec.target_device)
     sink.analysis(analysis)
     model_info.update(params=analysis.get("params"), macs=analysis.get("macs"))
     tracker(0.5, "measuring the baseline")
     baseline = evaluate(backend, baseline_deploy, dataset)
     baseline.update(params=analysis.get("params"), macs=analysis.get("macs"),
-                    estimates=_estimate(baseline_deploy, spec.framework, spec.target_device),
+                    estimates=baseline_estimates,
                     artifacts={"deploy": baseline_deploy, "native": Path(spec.model_path)})
     sink.baseline(baseline)
 
@@ -228,14 +234,14 @@ def _run_technique(technique, model, config, dataset, tracker, backend, baseline
         tracker(1.0, f"{technique.name}: measuring the result")
         deploy = Path(result.artifacts["deploy"])
         metrics = evaluate(backend, deploy, dataset)
-        analysis = _analyse(deploy)
-        precision = result.details.get("precision")
+        analysis, estimates = _analyse_and_estimate(deploy, spec.framework, spec.target_device,
+                                                    result.details.get("precision"))
         run.update(
             metrics,
             **_compare(metrics, baseline),
             params=result.params if result.params is not None else analysis.get("params"),
             macs=result.macs if result.macs is not None else analysis.get("macs"),
-            estimates=_estimate(deploy, spec.framework, spec.target_device, precision),
+            estimates=estimates,
             details={**result.details, "analysis": analysis},
             artifacts=dict(result.artifacts),
         )

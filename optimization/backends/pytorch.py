@@ -343,10 +343,6 @@ def ort_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_accuracy(deploy_path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((BACKEND.predict(deploy_path, x).argmax(-1) == y).mean())
-
-
 # --------------------------------------------------------------------------- training and evaluation
 
 def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = PREDICT_BATCH) -> float:

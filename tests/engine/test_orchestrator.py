@@ -111,10 +111,10 @@ def engine(monkeypatch, tmp_path):
     monkeypatch.setattr(orchestrator, "get_backend", lambda fw: FakeBackend())
     monkeypatch.setattr(orchestrator, "load_dataset", lambda *a, **k: dataset)
     monkeypatch.setattr(orchestrator, "get_technique", lambda fw, name: techniques[name])
-    monkeypatch.setattr(orchestrator, "_analyse", lambda path: {"params": 10, "macs": 100})
-    monkeypatch.setattr(orchestrator, "_estimate",
-                        lambda path, fw, device, precision=None: {"device": device, "latency_ms": 1.0,
-                                                                  "memory_mb": 1.0, "energy_mj": 1.0})
+    monkeypatch.setattr(orchestrator, "_analyse_and_estimate",
+                        lambda path, fw, device, precision=None: (
+                            {"params": 10, "macs": 100},
+                            {"device": device, "latency_ms": 1.0, "memory_mb": 1.0, "energy_mj": 1.0}))
 
     def make_spec(names, constraints=None):
         return orchestrator.ExperimentSpec(

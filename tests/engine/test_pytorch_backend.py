@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from optimization.backends import pytorch as backend  # noqa: E402
+from optimization.evaluator import accuracy  # noqa: E402
 from optimization.base import InvalidInputError, UnsafeModelError  # noqa: E402
 from optimization.datasets import load_digits_preset  # noqa: E402
 from optimization.zoo.pytorch import build  # noqa: E402
@@ -26,7 +27,7 @@ def demo_pt2(digits, tmp_path_factory):
 def test_demo_model_reaches_95_percent_in_onnxruntime(demo_pt2, digits, tmp_path):
     model = backend.BACKEND.load(demo_pt2)
     onnx_path = backend.BACKEND.export_deploy(model, tmp_path / "demo.onnx")
-    assert backend.onnx_accuracy(onnx_path, digits.x_test, digits.y_test) >= 0.95
+    assert accuracy(backend.BACKEND, onnx_path, digits.x_test, digits.y_test) >= 0.95
 
 
 def test_pt2_saved_by_edgeopt_loads_back_as_the_zoo_module(demo_pt2):

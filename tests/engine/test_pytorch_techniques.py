@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from optimization.backends import pytorch as backend  # noqa: E402
+from optimization.evaluator import accuracy  # noqa: E402
 from optimization.base import (  # noqa: E402
     TECHNIQUES,
     ExperimentStopped,
@@ -50,7 +51,7 @@ def teacher(digits, tmp_path_factory):
 def baseline(teacher, digits, tmp_path_factory):
     path = backend.BACKEND.export_deploy(teacher, tmp_path_factory.mktemp("baseline") / "baseline.onnx")
     return {"path": path, "size": os.path.getsize(path),
-            "accuracy": backend.onnx_accuracy(path, digits.x_test, digits.y_test)}
+            "accuracy": accuracy(backend.BACKEND, path, digits.x_test, digits.y_test)}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_saved_onnx_runs_in_onnxruntime_at_about_the_baseline_accuracy(name, run
     result = run(name)
     deploy = result.artifacts["deploy"]
     assert deploy.name == f"{name}.onnx"
-    accuracy = backend.onnx_accuracy(deploy, digits.x_test, digits.y_test)
-    assert accuracy >= baseline["accuracy"] - 0.05
+    measured = accuracy(backend.BACKEND, deploy, digits.x_test, digits.y_test)
+    assert measured >= baseline["accuracy"] - 0.05
     assert backend.BACKEND.latency_ms(deploy, digits.x_test[0]) > 0
 
 
@@ -136,7 +137,7 @@ def test_onnx_upload_gets_post_training_quantization_but_not_training(baseline, 
     onnx_model = backend.BACKEND.load(baseline["path"])
     result = technique("ptq_int8").optimize(onnx_model, TechniqueConfig(tmp_path), digits, ignore_progress)
     assert "native" not in result.artifacts
-    assert backend.onnx_accuracy(result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
+    assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
     with pytest.raises(TechniqueNotApplicable, match="ONNX"):
         technique("prune_structured").optimize(onnx_model, TechniqueConfig(tmp_path), digits, ignore_progress)
 
