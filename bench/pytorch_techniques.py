@@ -3,7 +3,8 @@
 1. `digits_cnn` (the demo model, ~360k parameters) on scikit-learn's digits, 1x8x8.
 2. `mobilenet_v2` (width 0.5, ~700k parameters) at 32x32: the digits images upscaled to 32x32
    and repeated to 3 channels (bilinear, `load_dataset(..., {"resize": [32, 32], "channels": 3})`),
-   because no dataset may be downloaded here; trained from scratch by this script.
+   because no dataset may be downloaded here; trained from scratch by this script (Adam, cosine
+   learning-rate decay).
 
 Every number comes from the saved ONNX file run in onnxruntime by `optimization.evaluator.evaluate`
 (the app's own code): accuracy on the test split, file size, the backend's batch-1 latency
@@ -33,7 +34,8 @@ DEMO_BUDGET_S = 300
 def mobilenet_model(work_dir: Path, preset: Path) -> tuple:
     dataset = load_dataset(preset, "digits-32x32-rgb", "NCHW", {"resize": [32, 32], "channels": 3})
     module = build("mobilenet_v2", dataset.num_classes, 3, width_mult=0.5)
-    backend.train(module, dataset, MOBILENET_EPOCHS, 2e-3, lambda *_: None, message="training mobilenet_v2")
+    backend.train(module, dataset, MOBILENET_EPOCHS, 2e-3, lambda *_: None, message="training mobilenet_v2",
+                  cosine=True)
     path = backend.save_pt2(module, dataset.input_shape, work_dir / "mobilenet_v2.pt2", "mobilenet_v2",
                             dataset.num_classes)
     return "mobilenet_v2 (width 0.5) on digits upscaled to 3x32x32", backend.BACKEND.load(path), dataset
@@ -54,6 +56,15 @@ def notes(row: dict) -> str:
                 f"with teacher {details['student_test_accuracy_with_teacher']:.2%} (torch)")
     if row["technique"] == "qat":
         return "torchao PT2E X86 quantizer -> ONNX QDQ"
+    if row["technique"] == "ptq_int8":
+        return f"{details['format']}, weights {details['weight_granularity'].replace('_', '-')}"
+    if row["technique"] == "hybrid":
+        quantization = details["quantization"]
+        return (f"{details['pruning_ratio']:.0%} channels cut, {details['epochs']} epochs; "
+                f"{quantization['format']}, weights {quantization['weight_granularity'].replace('_', '-')}")
+    if row["technique"] == "prune_structured":
+        multiple = f"multiples of {details['channel_multiple']}" if details["channel_multiple"] else "unrounded"
+        return f"{details['pruning_ratio']:.0%} channels cut ({multiple}), {details['epochs']} epochs"
     return ""
 
 

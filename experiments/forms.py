@@ -148,8 +148,10 @@ class SetupForm(ExperimentForm):
     max_size_mb = forms.FloatField(required=False, min_value=0, label="max size (MB)")
     max_latency_ms = forms.FloatField(required=False, min_value=0, label="max latency on the device (ms)")
     max_memory_mb = forms.FloatField(required=False, min_value=0, label="max memory (MB)")
-    epochs = forms.IntegerField(required=False, min_value=0, max_value=MAX_EPOCHS, initial=2,
-                                label="fine-tuning epochs")
+    epochs = forms.IntegerField(
+        required=False, min_value=0, max_value=MAX_EPOCHS, label="fine-tuning epochs",
+        help_text="Blank: each technique's own budget, longest after a channel cut, where recovery "
+                  "is close to retraining.")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

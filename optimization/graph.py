@@ -135,13 +135,8 @@ _ONNX_DTYPE_BITS = {1: 32, 2: 8, 3: 8, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 16: 1
 
 def read_onnx(path: Path) -> Graph:
     import onnx
-    from onnx import shape_inference
 
-    model = onnx.load(str(path), load_external_data=False)
-    try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # a model shape inference cannot finish still has its declared shapes
-        pass
+    model = _infer_shapes(onnx.load(str(path), load_external_data=False))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     constants = dict(initializers)
@@ -239,6 +234,92 @@ def read_onnx(path: Path) -> Graph:
                  source_format="onnx")
 
 
+def _infer_shapes(model):
+    """ONNX shape inference, carried through the onnxruntime contrib operators of a QOperator
+    model (QLinearAdd, QGemm, ...), which it does not know and stops at: each such output whose
+    inputs have shapes gets its own (the float operator's rule), and inference runs again. A model
+    inference cannot finish keeps the shapes it declares."""
+    from onnx import helper, shape_inference
+
+    for _ in range(len(model.graph.node) + 1):
+        try:
+            model = shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:
+            return model
+        graph = model.graph
+        known = {v.name: v.type.tensor_type for v in [*graph.input, *graph.value_info, *graph.output]
+                 if v.type.tensor_type.HasField("shape")}
+        shapes = {name: [d.dim_value for d in t.shape.dim] for name, t in known.items()}
+        shapes |= {init.name: list(init.dims) for init in graph.initializer}
+        added = []
+        for node in graph.node:
+            data = node.input[2 if node.op_type == "QLinearConcat" else 0]  # the first activation input
+            if node.domain != "com.microsoft" or node.output[0] in known or data not in known:
+                continue
+            shape = _contrib_output_shape(node, shapes)
+            if shape is not None:
+                added.append(helper.make_tensor_value_info(node.output[0], known[data].elem_type, shape))
+        if not added:
+            return model
+        graph.value_info.extend(added)
+    return model
+
+
+def _contrib_output_shape(node, shapes: dict[str, list[int]]) -> list[int] | None:
+    attrs = {a.name: a for a in node.attribute}
+    if any(name and name not in shapes for name in node.input):
+        return None
+    first = shapes[node.input[2 if node.op_type == "QLinearConcat" else 0]]
+    if node.op_type in ("QLinearAdd", "QLinearMul"):
+        return _broadcast(first, shapes[node.input[3]])
+    if node.op_type in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"):
+        return first
+    if node.op_type == "QLinearGlobalAveragePool":
+        channels_last = "channels_last" in attrs and attrs["channels_last"].i
+        return ([first[0], *[1] * (len(first) - 2), first[-1]] if channels_last
+                else [*first[:2], *[1] * (len(first) - 2)])
+    if node.op_type == "QLinearAveragePool":
+        return _pool_output_shape(first, attrs)
+    if node.op_type == "QLinearConcat":  # inputs: y_scale, y_zero_point, then (x, scale, zero point) each
+        axis = attrs["axis"].i % len(first)
+        parts = [shapes[name] for name in node.input[2::3]]
+        return [sum(part[axis] for part in parts) if i == axis else size for i, size in enumerate(parts[0])]
+    if node.op_type == "QGemm":  # A, a_scale, a_zero_point, B, ...
+        trans_a = "transA" in attrs and attrs["transA"].i
+        trans_b = "transB" in attrs and attrs["transB"].i
+        b = shapes[node.input[3]]
+        return [first[1] if trans_a else first[0], b[0] if trans_b else b[1]]
+    return None
+
+
+def _pool_output_shape(shape: list[int], attrs: dict) -> list[int]:
+    """A pooling window's output shape (ONNX AveragePool's rule), NCHW or channels-last."""
+    channels_last = "channels_last" in attrs and attrs["channels_last"].i
+    spatial = shape[1:-1] if channels_last else shape[2:]
+    kernel = list(attrs["kernel_shape"].ints)
+    strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * len(kernel)
+    pads = list(attrs["pads"].ints) if "pads" in attrs else [0] * 2 * len(kernel)
+    auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    ceil_mode = "ceil_mode" in attrs and attrs["ceil_mode"].i
+    out = []
+    for i, (size, k, stride) in enumerate(zip(spatial, kernel, strides)):
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-size // stride))
+        elif auto_pad == "VALID":
+            out.append(-(-(size - k + 1) // stride))
+        else:
+            span = size + pads[i] + pads[i + len(kernel)] - k
+            out.append((-(-span // stride) if ceil_mode else span // stride) + 1)
+    return [shape[0], *out, shape[-1]] if channels_last else [*shape[:2], *out]
+
+
+def _broadcast(a: list[int], b: list[int]) -> list[int]:
+    """Numpy-style broadcast of two shapes (right-aligned; a dimension of 1 stretches)."""
+    width = max(len(a), len(b))
+    a, b = [1] * (width - len(a)) + a, [1] * (width - len(b)) + b
+    return [y if x == 1 else x for x, y in zip(a, b)]
+
+
 def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of) -> Op:
     from onnx import helper
 
@@ -267,7 +348,7 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         op.kind = _conv_kind(kernel, groups, in_channels)
         op.kernel, op.strides = tuple(int(k) for k in kernel), tuple(int(s) for s in attrs.get("strides", (1, 1)))
         op.macs = _prod(out_shape) * _prod(w_dims[1:]) if w_dims else 0
-    elif op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "MatMulNBits", "FusedMatMul"):
+    elif op_type in ("Gemm", "QGemm", "MatMul", "QLinearMatMul", "MatMulInteger", "MatMulNBits", "FusedMatMul"):
         op.kind = "fc"
         if op_type == "MatMulNBits":
             k, n, bits = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4))
@@ -286,6 +367,8 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         op.kind = "pool"
     elif op_type in _ONNX_ELEMENTWISE or op_type.startswith("QLinear"):
         op.kind = "elementwise"
+    if op_type.startswith("QLinear") and op.kind not in WEIGHTED_CLASSES:
+        op.precision = "int8"  # integer in and out, like the QDQ kernel it stands for
 
     seen = set()
     for tensor, bits in weights:
@@ -298,7 +381,7 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
     if op.kind in WEIGHTED_CLASSES:
         weight_bits = min((bits for _, bits in weights), default=32)
         op.weight_bits = weight_bits
-        if op_type.startswith("QLinear") or op_type.endswith("Integer"):
+        if op_type.startswith("QLinear") or op_type == "QGemm" or op_type.endswith("Integer"):
             op.precision = "int8"
         elif weight_bits <= 4:
             op.precision = "int4"
@@ -313,6 +396,8 @@ def _is_weight_input(op_type: str, position: int) -> bool:
     """Which constant inputs are trainable weights (scales, zero points and shapes are not)."""
     if op_type == "QLinearConv" or op_type == "QLinearMatMul":
         return position in (3, 8)
+    if op_type == "QGemm":
+        return position in (3, 6)
     if op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "FusedMatMul"):
         return position in (1, 2)
     if op_type == "BatchNormalization":

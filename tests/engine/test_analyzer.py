@@ -235,3 +235,38 @@ def test_unreadable_suffix_is_refused(tmp_path):
     path.write_bytes(b"0")
     with pytest.raises(ValueError, match=".onnx or .tflite"):
         analyze(path)
+
+
+def test_qoperator_onnx_shapes_follow_through_onnxruntime_contrib_operators(tmp_path):
+    """A QOperator file holds com.microsoft operators (QLinearConcat, QLinearAveragePool,
+    QLinearAdd, QLinearSigmoid, QLinearGlobalAveragePool, QGemm) that ONNX shape inference stops
+    at; the layers after them must still get their shapes, so the MAC count matches FP32's."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from optimization.techniques.pytorch._common import quantize_int8
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide, self.narrow = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+            self.pool = nn.AvgPool2d(2)
+            self.mix = nn.Conv2d(16, 16, 1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.pool(torch.cat([torch.relu(self.wide(x)), torch.relu(self.narrow(x))], 1))
+            x = torch.sigmoid(self.mix(x) + x)
+            return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    fp32 = export_onnx(Branchy().eval(), tmp_path / "branchy.onnx")
+    quantized = tmp_path / "branchy_int8.onnx"
+    calibration = np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)
+    quantize_int8(fp32, quantized, calibration, quant_format="qoperator", weight_granularity="per_channel")
+    contrib = {node.op_type for node in onnx.load(str(quantized)).graph.node if node.domain == "com.microsoft"}
+    assert {"QLinearConcat", "QLinearAveragePool", "QLinearAdd", "QGemm"} <= contrib
+    graph = load_graph(quantized)
+    assert all(op.output_shape for op in graph.ops)
+    assert (graph.params, graph.macs) == (load_graph(fp32).params, load_graph(fp32).macs)
+    assert {op.precision for op in graph.ops if op.op_type.startswith("QLinear") or op.op_type == "QGemm"} == {"int8"}

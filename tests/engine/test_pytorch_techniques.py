@@ -19,6 +19,7 @@ from optimization.base import (  # noqa: E402
     TechniqueNotApplicable,
 )
 from optimization.datasets import load_digits_preset  # noqa: E402
+from optimization.graph import load_graph  # noqa: E402
 
 FAST_OPTIONS = {
     "prune_unstructured": {"epochs": 1},
@@ -98,11 +99,54 @@ def test_int4_all4_mode_is_smaller_than_fc4_conv8_and_reports_the_wider_layers(r
     assert all("INT8" in why for why in default.details["kept_wider"].values())
 
 
+def operators(path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_int8_writes_onnxruntime_qoperator_with_the_granularity_that_agrees_best(run, baseline):
+    result = run("ptq_int8")
+    assert {"QLinearConv", "QGemm"} <= operators(result.artifacts["deploy"])
+    assert "Conv" not in operators(result.artifacts["deploy"])
+    choice = result.details["granularity_choice"]
+    agreement = choice["agreement_with_fp32"]
+    expected = "per_tensor" if agreement["per_tensor"] >= agreement["per_channel"] else "per_channel"
+    assert result.details["weight_granularity"] == expected
+    assert os.path.getsize(result.artifacts["deploy"]) == choice["size_bytes"][expected]
+    assert choice["size_bytes"]["per_tensor"] < choice["size_bytes"]["per_channel"]
+    # the analyzer follows the contrib operators: same layers, parameters and MACs as the FP32 file
+    quantized, fp32 = load_graph(result.artifacts["deploy"]), load_graph(baseline["path"])
+    assert (quantized.params, quantized.macs) == (fp32.params, fp32.macs)
+    assert quantized.precision == "int8"
+
+
+def test_int8_qdq_format_is_portable_but_larger_than_qoperator(run, digits, baseline):
+    qdq = run("ptq_int8", format="qdq", weight_granularity="per_channel").artifacts["deploy"]
+    qoperator = run("ptq_int8", weight_granularity="per_channel").artifacts["deploy"]
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= operators(qdq)
+    assert os.path.getsize(qoperator) < os.path.getsize(qdq)
+    assert accuracy(backend.BACKEND, qdq, digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
+
+
+def test_unknown_int8_format_fails_the_run_with_the_choices(teacher, digits, tmp_path):
+    with pytest.raises(TechniqueNotApplicable, match="qoperator"):
+        technique("ptq_int8").optimize(teacher, TechniqueConfig(tmp_path, {"format": "tensorrt"}), digits,
+                                       ignore_progress)
+
+
 @pytest.mark.parametrize("name", ["prune_structured", "distillation", "hybrid"])
 def test_smaller_models_have_fewer_params_and_macs_than_the_teacher(name, run, teacher):
     params, macs = backend.count_params_macs(teacher.module, teacher.input_shape)
     result = run(name)
     assert result.params < 0.5 * params and result.macs < 0.5 * macs
+
+
+def test_channel_pruning_keeps_vector_friendly_channel_counts(run):
+    details = run("prune_structured").details
+    assert details["channel_multiple"] == 16
+    pruned = run("prune_structured").model
+    assert all(layer.out_channels % 16 == 0 for layer in pruned.modules() if isinstance(layer, torch.nn.Conv2d))
 
 
 def test_unstructured_pruning_reaches_its_sparsity_and_compresses_better(run, baseline):

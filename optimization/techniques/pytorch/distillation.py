@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
+    CHANNEL_MULTIPLE,
     EXPORT_SECONDS,
     PyTorchTechnique,
     prune_channels,
@@ -37,7 +38,8 @@ def distillation_loss(teacher, temperature: float, alpha: float):
 
 class Technique(PyTorchTechnique):
     name = "distillation"
-    defaults = {"temperature": 4.0, "alpha": 0.7, "epochs": 6, "learning_rate": 1e-3, "student_ratio": 0.5}
+    defaults = {"temperature": 4.0, "alpha": 0.7, "epochs": 6, "learning_rate": 1e-3, "student_ratio": 0.5,
+                "channel_multiple": CHANNEL_MULTIPLE}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
@@ -51,7 +53,8 @@ class Technique(PyTorchTechnique):
         options = self.options(config)
         teacher = model.module
         backend.set_eval(teacher)
-        student = prune_channels(model.module, model.input_shape, options["student_ratio"])
+        student, channel_multiple = prune_channels(model.module, model.input_shape, options["student_ratio"],
+                                                   options["channel_multiple"])
         reinitialise(student)
         backend.set_seed(config.seed)
         baseline_student = copy.deepcopy(student)
@@ -67,6 +70,7 @@ class Technique(PyTorchTechnique):
         teacher_params, teacher_macs = backend.count_params_macs(teacher, model.input_shape)
         details = {
             "student": f"the teacher with {options['student_ratio']:.0%} of its channels removed, re-initialised",
+            "channel_multiple": channel_multiple,
             "temperature": options["temperature"], "alpha": options["alpha"], "epochs": epochs,
             "student_test_accuracy_with_teacher": round(distilled, 4),
             "student_test_accuracy_without_teacher": round(alone, 4),

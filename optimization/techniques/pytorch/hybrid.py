@@ -8,8 +8,13 @@ import dataclasses
 from optimization.backends import pytorch as backend
 from optimization.evaluator import compressed_size
 from optimization.techniques.pytorch._common import (
+    CHANNEL_MULTIPLE,
+    EXPORT_SECONDS,
+    FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
+    INT8_DEFAULTS,
     PyTorchTechnique,
     file_size,
+    int8_options,
     prune_channels,
     quantize_model_int8,
     require_trainable,
@@ -19,32 +24,35 @@ from optimization.techniques.pytorch.prune_unstructured import keep_zeros, prune
 
 class Technique(PyTorchTechnique):
     name = "hybrid"
-    defaults = {"pruning_ratio": 0.5, "target_sparsity": 0.0, "epochs": 3, "learning_rate": 1e-3}
+    defaults = {"pruning_ratio": 0.5, "target_sparsity": 0.0, "epochs": FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
+                "learning_rate": 1e-3, "channel_multiple": CHANNEL_MULTIPLE, **INT8_DEFAULTS}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
         return (self.pruned_training_seconds(model_info, options["epochs"], options["pruning_ratio"])
-                + 2 * self.quantize_seconds(model_info))
+                + self.quantize_seconds(model_info, options) + EXPORT_SECONDS)
 
     def optimize(self, model, config, dataset, progress):
         require_trainable(model, self.name)
         options = self.options(config)
+        int8 = int8_options(options)
         progress(0.02, f"removing {options['pruning_ratio']:.0%} of the channels", {})
-        module = prune_channels(model.module, model.input_shape, options["pruning_ratio"])
+        module, channel_multiple = prune_channels(model.module, model.input_shape, options["pruning_ratio"],
+                                                  options["channel_multiple"])
         masks = prune_globally(module, options["target_sparsity"]) if options["target_sparsity"] > 0 else {}
         backend.train(module, dataset, options["epochs"], options["learning_rate"], progress, (0.05, 0.8),
-                      seed=config.seed, after_step=keep_zeros(masks) if masks else None)
+                      seed=config.seed, after_step=keep_zeros(masks) if masks else None, cosine=True)
         progress(0.82, "INT8 quantization (calibrating)", {})
         deploy, _ = self.paths(config)
         pruned = dataclasses.replace(model, module=module, architecture=None)
-        quantize_model_int8(pruned, deploy, dataset.x_calib)
+        quantization = quantize_model_int8(pruned, deploy, dataset.x_calib, **int8)
         details = {
             "steps": ["structured pruning (Torch-Pruning, L2)"]
                      + (["unstructured magnitude pruning"] if masks else [])
-                     + ["fine-tuning", "static INT8 (onnxruntime QDQ, per-channel)"],
-            "pruning_ratio": options["pruning_ratio"],
+                     + ["fine-tuning (cosine learning-rate decay)", "static INT8 (onnxruntime)"],
+            "pruning_ratio": options["pruning_ratio"], "channel_multiple": channel_multiple,
             "sparsity_reached": round(sparsity_of(masks), 4) if masks else 0.0,
-            "epochs": options["epochs"], "bits": 8,
+            "epochs": options["epochs"], "bits": 8, "quantization": quantization,
             "native": "pruned FP32 .pt2: the int8 model exists only as ONNX",
             "architecture_unchanged": False,
         }

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
+    CHANNEL_MULTIPLE,
     EXPORT_SECONDS,
+    FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
     PyTorchTechnique,
     prune_channels,
     require_trainable,
@@ -14,7 +16,8 @@ from optimization.techniques.pytorch._common import (
 
 class Technique(PyTorchTechnique):
     name = "prune_structured"
-    defaults = {"pruning_ratio": 0.5, "epochs": 3, "learning_rate": 1e-3}
+    defaults = {"pruning_ratio": 0.5, "epochs": FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT, "learning_rate": 1e-3,
+                "channel_multiple": CHANNEL_MULTIPLE}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
@@ -26,17 +29,19 @@ class Technique(PyTorchTechnique):
         options = self.options(config)
         params_before, macs_before = backend.count_params_macs(model.module, model.input_shape)
         progress(0.02, f"removing {options['pruning_ratio']:.0%} of the channels", {})
-        module = prune_channels(model.module, model.input_shape, options["pruning_ratio"])
+        module, channel_multiple = prune_channels(model.module, model.input_shape, options["pruning_ratio"],
+                                                  options["channel_multiple"])
         params_after, macs_after = backend.count_params_macs(module, model.input_shape)
         accuracy_after_pruning = backend.evaluate(module, dataset.x_calib, dataset.y_calib)
         metrics = backend.train(module, dataset, options["epochs"], options["learning_rate"], progress,
-                                (0.05, 0.9), seed=config.seed)
+                                (0.05, 0.9), seed=config.seed, cosine=True)
         progress(0.92, "exporting", {})
         details = {
-            "pruning_ratio": options["pruning_ratio"], "importance": "L2 magnitude (Torch-Pruning)",
+            "pruning_ratio": options["pruning_ratio"], "channel_multiple": channel_multiple,
+            "importance": "L2 magnitude (Torch-Pruning)",
             "params_before": params_before, "params_after": params_after,
             "macs_before": macs_before, "macs_after": macs_after,
-            "epochs": options["epochs"],
+            "epochs": options["epochs"], "learning_rate_schedule": "cosine decay to zero",
             "calibration_accuracy_before_fine_tuning": round(accuracy_after_pruning, 4),
             "final_train_loss": metrics.get("loss"),
             "architecture_unchanged": False,

@@ -1,7 +1,8 @@
 """Post-training 4-bit weight quantization in onnxruntime.
 
 mode "fc4_conv8" (default): fully connected layers become MatMulNBits (4-bit blockwise weights,
-a fast native kernel) and convolutions are INT8 QDQ: onnxruntime has no fast 4-bit convolution.
+a fast native kernel) and convolutions are INT8 as in ptq_int8 (same format and granularity
+options): onnxruntime has no fast 4-bit convolution.
 mode "all4": every weight 4-bit QDQ (smallest file, but the CPU dequantizes 4-bit weights at run
 time, which made a convnet several times slower).
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 from optimization.base import TechniqueNotApplicable
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
+    INT8_DEFAULTS,
     PyTorchTechnique,
     file_size,
+    int8_options,
     quantize_int8,
     quantize_matmul_4bit,
     quantize_model_int8,
@@ -24,20 +27,21 @@ MODES = ("fc4_conv8", "all4")
 class Technique(PyTorchTechnique):
     name = "ptq_int4"
     post_training = True
-    defaults = {"mode": "fc4_conv8", "block_size": 32}
+    defaults = {"mode": "fc4_conv8", "block_size": 32, **INT8_DEFAULTS}
 
     def estimate_time(self, model_info, config) -> float:
-        return 2.5 * self.quantize_seconds(model_info)
+        return 1.25 * self.quantize_seconds(model_info, self.options(config))
 
     def optimize(self, model, config, dataset, progress):
         options = self.options(config)
         mode = options["mode"]
         if mode not in MODES:
             raise TechniqueNotApplicable(f"unknown ptq_int4 mode {mode!r}; choose one of {MODES}")
+        quantization = int8_options(options)
         deploy, _ = self.paths(config)
         progress(0.05, f"exporting FP32 ONNX ({mode})", {})
         if mode == "all4":
-            quantize_model_int8(model, deploy, dataset.x_calib, weight_bits=4)
+            conv_quantization = quantize_model_int8(model, deploy, dataset.x_calib, weight_bits=4)
             layers = {"4-bit QDQ": sum(weighted_ops(deploy).values(), [])}
             kept_wider = {}
         else:
@@ -50,16 +54,18 @@ class Technique(PyTorchTechnique):
                 raise TechniqueNotApplicable("the model has no fully connected layer with constant weights to store in 4 bits")
             progress(0.5, "convolutions to INT8 (calibrating)", {})
             try:
-                quantize_int8(fc4, deploy, dataset.x_calib)
+                conv_quantization = quantize_int8(fc4, deploy, dataset.x_calib, **quantization)
             finally:
                 fp32.unlink(missing_ok=True)
                 fc4.unlink(missing_ok=True)
             ops = weighted_ops(deploy)
             layers = {"4-bit MatMulNBits": ops.get("MatMulNBits", [])}
-            kept_wider = {name: "INT8: onnxruntime has no fast 4-bit convolution kernel" for name in ops.get("Conv", [])}
+            kept_wider = {name: "INT8: onnxruntime has no fast 4-bit convolution kernel"
+                          for name in ops.get("Conv", []) + ops.get("QLinearConv", [])}
         progress(0.8, "saving the native model", {"size_bytes": file_size(deploy)})
         details = {
             "bits": 4, "mode": mode, "layers": layers, "kept_wider": kept_wider,
+            "convolutions": conv_quantization,
             "activations": "uint8, MinMax calibration",
             "block_size": options["block_size"] if mode == "fc4_conv8" else None,
             "native": "FP32 .pt2: the 4-bit model exists only as ONNX",

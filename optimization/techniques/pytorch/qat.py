@@ -16,7 +16,7 @@ from optimization.techniques.pytorch._common import (
 # fake-quant observers make each training step about this much slower than plain training
 FAKE_QUANT_SLOWDOWN = 3
 # prepare_qat_pt2e and convert_pt2e trace the model and their patterns: a fixed cost
-PT2E_SECONDS = 3.0
+PT2E_SECONDS = 1.5
 
 
 def fold_batch_norm(module):
