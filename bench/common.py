@@ -17,6 +17,7 @@ from typing import Callable
 from optimization.base import TECHNIQUES, Backend, TechniqueConfig, TechniqueNotApplicable
 from optimization.datasets import load_digits_preset, write_digits_preset
 from optimization.evaluator import evaluate
+from optimization.graph import load_graph
 from optimization.techniques import get_technique
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +78,12 @@ def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
     """Every technique on `model`, each deploy file compared with the model's FP32 deploy file.
 
     `params_macs` is the baseline's (parameters, MACs), counted by the framework's own counter."""
-    baseline = evaluate(backend, backend.export_deploy(model, work_dir / f"baseline{backend.deploy_suffix}"),
-                        dataset)
+    baseline_path = backend.export_deploy(model, work_dir / f"baseline{backend.deploy_suffix}")
+    baseline = evaluate(backend, baseline_path, dataset)
     params, macs = params_macs
+    # the orchestrator's model_info, layer count included, so the ETAs are the app's own
     model_info = {"params": params, "macs": macs, "train_samples": len(dataset.x_train),
-                  "calib_samples": len(dataset.x_calib)}
+                  "calib_samples": len(dataset.x_calib), "layers": len(load_graph(baseline_path).ops) or None}
     print(f"[{label}] baseline {baseline}", flush=True)
     rows = []
     for name in TECHNIQUES:

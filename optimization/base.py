@@ -110,7 +110,8 @@ class BaseOptimization:
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         """Seconds this run should take; used for the ETA. model_info has params, macs,
-        train_samples, calib_samples."""
+        train_samples, calib_samples and layers (ops in the FP32 deploy file; absent or None
+        when unknown)."""
         raise NotImplementedError
 
     def optimize(

@@ -179,7 +179,9 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     baseline_deploy = backend.export_deploy(model, output_dir / f"baseline{backend.deploy_suffix}")
     analysis, baseline_estimates = _analyse_and_estimate(baseline_deploy, spec.framework, spec.target_device)
     sink.analysis(analysis)
-    model_info.update(params=analysis.get("params"), macs=analysis.get("macs"))
+    # layers: kernels in the deploy file; per-step and conversion costs grow with their count
+    model_info.update(params=analysis.get("params"), macs=analysis.get("macs"),
+                      layers=len(analysis.get("layers") or []) or None)
     tracker(0.5, "measuring the baseline")
     baseline = evaluate(backend, baseline_deploy, dataset)
     baseline.update(params=analysis.get("params"), macs=analysis.get("macs"),

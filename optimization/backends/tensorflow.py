@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,17 @@ LATENCY_RUNS = 100
 LATENCY_BUDGET_S = 2.0
 REPRESENTATIVE_SAMPLES = 200
 PREDICT_BATCH = 256
-# Rough cost model for ETAs, calibrated on the digits demo on a busy 2-core host.
-SECONDS_PER_FIT = 2.0  # tracing and compiling a new model's train step
-SECONDS_PER_TRAIN_STEP = 0.015
-SECONDS_PER_GIGAMAC_SAMPLE = 0.1
-SECONDS_PER_CONVERSION = 2.0
+# Rough cost model for ETAs, timed on the 2-core host for the digits demo (8 kernels in its
+# .tflite) and MobileNetV2 alpha 0.35 at 32x32 (65 kernels, fewer MACs), rounded up for a host
+# shared with other jobs. At these sizes tracing, each training step and conversion cost per
+# layer more than per MAC; model_info["layers"] counts the kernels of the FP32 deploy file.
+DEFAULT_LAYERS = 8  # when model_info does not say: a small CNN like the demo
+SECONDS_PER_FIT = 0.3  # building and tracing a new model's train step: fixed part...
+SECONDS_PER_FIT_LAYER = 0.16  # ...and per layer
+SECONDS_PER_LAYER_STEP = 0.0008  # one training step of batch 32, per layer...
+SECONDS_PER_GIGAMAC_SAMPLE = 0.006  # ...plus its compute (forward and backward, 3x forward MACs)
+SECONDS_PER_CONVERSION = 0.2  # .tflite conversion (with INT8 calibration alike): fixed part...
+SECONDS_PER_CONVERSION_LAYER = 0.22  # ...and per layer
 # keras.applications use BatchNorm momentum 0.999: after a few hundred steps from scratch the
 # running statistics are still mostly their initial values and inference is near chance.
 SHORT_TRAINING_BN_MOMENTUM = 0.9
@@ -175,9 +182,12 @@ def save_keras(model, path: Path) -> Path:
     return path
 
 
-def convert_to_tflite(model, path: Path, calibration_x: np.ndarray | None = None) -> Path:
+def convert_to_tflite(model, path: Path, calibration_x: np.ndarray | None = None,
+                      per_channel: bool = True) -> Path:
     """Write the Keras `model` as `.tflite`: FP32, or full-integer INT8 when calibration data
-    is given.
+    is given, with per-channel weight scales (the converter's default) or, with
+    `per_channel=False`, one scale per weight tensor. Tensor names are compacted (see
+    `compact_tensor_names`).
 
     INT8 keeps float32 input and output: the file is a drop-in replacement for the FP32 one
     (same interface for the user and the evaluator) and the two boundary (de)quantize ops cost
@@ -195,7 +205,41 @@ def convert_to_tflite(model, path: Path, calibration_x: np.ndarray | None = None
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset(calibration_x)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return write_bytes(converter.convert(), path)
+        # the converter's only switch for this; per-tensor weights drop the per-channel
+        # scale (float32) and zero point (int64) of every weight and bias channel
+        converter._experimental_disable_per_channel = not per_channel
+    return write_bytes(compact_tensor_names(converter.convert()), path)
+
+
+def compact_tensor_names(content: bytes) -> bytes:
+    """The `.tflite` with shorter tensor names, which are debug strings only.
+
+    The converter names a tensor after every TF op fused into it ("m/b_relu/Relu6;m/b_BN/
+    FusedBatchNormV3;m/b/Conv2D;..."), ~100 bytes a tensor. Each keeps the first of those
+    names (the op that produced it), without the model's name scope (the leading "model/" most
+    names share). Names stay unique, ops' outputs served first: the analyzer shows them as
+    layer names; a constant whose name is taken gets "#" and its index. Signature defs, which
+    runners look inputs and outputs up by, are kept.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    for subgraph in model.subgraphs:
+        names = [tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name or ""
+                 for tensor in subgraph.tensors]
+        scopes = Counter(name.split("/")[0] + "/" for name in names if "/" in name)
+        scope = scopes.most_common(1)[0][0] if scopes else ""
+        written = {index for op in subgraph.operators for index in op.outputs}
+        taken = set()
+        for index in sorted(range(len(names)), key=lambda i: i not in written):
+            short = names[index].split(";")[0]
+            if short.startswith(scope) and len(short) > len(scope):
+                short = short[len(scope):]
+            if short in taken:
+                short = f"{short}#{index}"
+            taken.add(short)
+            subgraph.tensors[index].name = short.encode()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def write_bytes(content: bytes, path: Path) -> Path:
@@ -333,14 +377,30 @@ def classification_loss(model):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
 
 
+def adam(learning_rate: float, decay_steps: int = 0):
+    """Adam; with `decay_steps`, its rate follows a cosine down to zero over that many steps,
+    so a short fine-tune ends with small steps that settle the weights instead of stopping
+    mid-stride."""
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def training_steps(samples: int, epochs: int, batch_size: int) -> int:
+    return epochs * int(np.ceil(samples / batch_size))
+
+
 def fit(model, x, y, epochs: int, progress: ProgressFn | None = None, *, learning_rate=1e-3,
         batch_size=32, span=(0.0, 1.0), message="fine-tuning", callbacks=(), compile_model=True,
-        seed: int = 0):
-    """Train with Adam on sparse labels, reporting each batch to `progress`."""
+        cosine: bool = False, seed: int = 0):
+    """Train with Adam on sparse labels (its rate cosine-decayed over the run when `cosine`),
+    reporting each batch to `progress`. With compile_model=False the model brings its own
+    optimizer and loss (a distiller)."""
     if compile_model:
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+        decay = training_steps(len(x), epochs, batch_size) if cosine else 0
+        model.compile(optimizer=adam(learning_rate, decay),
                       loss=classification_loss(model), metrics=["accuracy"])
-    steps = int(np.ceil(len(x) / batch_size))
+    steps = training_steps(len(x), 1, batch_size)
     all_callbacks = list(callbacks)
     if progress is not None:
         all_callbacks.append(ProgressCallback(progress, epochs, steps, *span, message))
@@ -363,13 +423,24 @@ def evaluate_accuracy(model, x, y, batch_size: int = 256) -> float:
     return float((predictions.argmax(axis=1) == np.asarray(y)).mean())
 
 
-def training_seconds(model_info: dict, epochs: float, batch_size: int = 32) -> float:
-    """ETA for `epochs` of fine-tuning: tracing, per-step overhead, compute (3x forward MACs)."""
+def training_seconds(model_info: dict, epochs: float, batch_size: int = 32, *,
+                     setup: float = 1.0, step: float = 1.0) -> float:
+    """ETA for `epochs` of fine-tuning the model of `model_info`: building the train step
+    (`setup` times a plain model's: tfmot's wrappers and fake-quant take longer to build), then
+    each step (`step` times a plain step of the model: a narrowed student costs less, a
+    teacher's forward pass adds)."""
     samples = model_info.get("train_samples") or 1000
     macs = model_info.get("macs") or 1e6
+    layers = model_info.get("layers") or DEFAULT_LAYERS
     steps = epochs * np.ceil(samples / batch_size)
-    return float(SECONDS_PER_FIT + steps * SECONDS_PER_TRAIN_STEP
-                 + epochs * samples * 3 * macs / 1e9 * SECONDS_PER_GIGAMAC_SAMPLE)
+    per_step = layers * SECONDS_PER_LAYER_STEP + batch_size * 3 * macs / 1e9 * SECONDS_PER_GIGAMAC_SAMPLE
+    return float(setup * (SECONDS_PER_FIT + layers * SECONDS_PER_FIT_LAYER) + steps * step * per_step)
+
+
+def conversion_seconds(model_info: dict) -> float:
+    """ETA for one `.tflite` conversion (FP32, or INT8 with its calibration) and saving."""
+    layers = model_info.get("layers") or DEFAULT_LAYERS
+    return SECONDS_PER_CONVERSION + layers * SECONDS_PER_CONVERSION_LAYER
 
 
 # ----------------------------------------------------------------------------- counting

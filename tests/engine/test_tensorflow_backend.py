@@ -124,3 +124,36 @@ def test_predict_in_litert_matches_keras_for_a_batch(tmp_path):
     np.testing.assert_allclose(BACKEND.predict(deploy, x), loaded.module.predict(x, verbose=0),
                                rtol=1e-4, atol=1e-4)
     assert BACKEND.latency_ms(deploy, x[:1]) > 0
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_compacted_tensor_names_leave_the_model_as_it_was(tmp_path, int8):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from optimization.analyzer import analyze
+    from optimization.backends.tensorflow import compact_tensor_names, write_bytes
+    from optimization.graph import load_graph
+
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(4, 3, padding="same", use_bias=False),
+                              layers.BatchNormalization(), layers.ReLU(), layers.Flatten(), layers.Dense(10)],
+                             name="a_rather_long_model_name_scope")
+    x = np.random.default_rng(2).random((64, 8, 8, 1), dtype=np.float32)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([sample[None]] for sample in x[:16])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    raw = converter.convert()
+    full = write_bytes(raw, tmp_path / "full.tflite")
+    compact = write_bytes(compact_tensor_names(raw), tmp_path / "compact.tflite")
+
+    assert compact.stat().st_size < full.stat().st_size
+    np.testing.assert_array_equal(BACKEND.predict(compact, x), BACKEND.predict(full, x))
+    names = [op.name for op in load_graph(compact).ops]
+    assert len(set(names)) == len(names) and not any(";" in n or "a_rather_long" in n for n in names)
+    assert Interpreter(model_path=str(compact)).get_signature_list() == \
+        Interpreter(model_path=str(full)).get_signature_list()
+    before, after = analyze(full), analyze(compact)
+    assert (after["params"], after["macs"], after["peak_activation_bytes"]) == \
+        (before["params"], before["macs"], before["peak_activation_bytes"])

@@ -1,6 +1,7 @@
 """The seven TensorFlow techniques on the digits demo CNN (~360k parameters, trained once per
-module), one fine-tuning epoch each: every `.tflite` runs in LiteRT, its accuracy is
-re-measured from the file, and sizes / parameters / MACs move the way each technique claims."""
+module), one fine-tuning epoch each (hybrid: its stages scaled from it): every `.tflite` runs
+in LiteRT, its accuracy is re-measured from the file, and sizes / parameters / MACs move the
+way each technique claims."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from optimization.backends.tensorflow import BACKEND, count_params_macs
-from optimization.base import ExperimentStopped, TechniqueConfig
+from optimization.base import TECHNIQUES, ExperimentStopped, TechniqueConfig
 from optimization.datasets import load_digits_preset, split
 from optimization.techniques import get_technique
 
@@ -36,12 +37,13 @@ def runs(tmp_path_factory, digits, demo):
     done = {}
 
     def run(name, **options):
-        if name not in done:
+        key = (name, tuple(sorted(options.items())))
+        if key not in done:
             config = TechniqueConfig(output_dir=tmp_path_factory.mktemp(name),
                                      options={"epochs": 1, **options})
             result = get_technique("tensorflow", name).optimize(model, config, digits, ignore_progress)
-            done[name] = (result, litert_accuracy(result.artifacts["deploy"], digits))
-        return done[name]
+            done[key] = (result, litert_accuracy(result.artifacts["deploy"], digits))
+        return done[key]
 
     return run
 
@@ -72,6 +74,36 @@ def test_ptq_int8_is_under_30_percent_of_fp32_and_keeps_accuracy(runs, demo, dig
     assert accuracy >= litert_accuracy(demo[1], digits) - 0.02
 
 
+def weight_scale_counts(tflite_path: Path) -> set[int]:
+    """How many scales each quantized conv / dense weight carries (1: per tensor)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(tflite_path.read_bytes(), 0)
+    subgraph = model.subgraphs[0]
+    return {len(subgraph.tensors[op.inputs[1]].quantization.scale) for op in subgraph.operators
+            if model.operatorCodes[op.opcodeIndex].builtinCode in (
+                schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED)}
+
+
+def test_ptq_int8_per_tensor_stores_one_scale_per_weight_and_is_smaller(runs):
+    per_channel, _ = runs("ptq_int8", weight_granularity="per_channel")
+    per_tensor, accuracy = runs("ptq_int8", weight_granularity="per_tensor")
+    assert weight_scale_counts(per_tensor.artifacts["deploy"]) == {1}
+    assert max(weight_scale_counts(per_channel.artifacts["deploy"])) > 1
+    assert per_tensor.artifacts["deploy"].stat().st_size < per_channel.artifacts["deploy"].stat().st_size
+    assert per_tensor.details["weight_granularity"] == "per_tensor"
+    assert accuracy >= PLAUSIBLE_ACCURACY
+
+
+def test_ptq_int8_auto_granularity_follows_its_rule_on_the_training_split(runs):
+    result, _ = runs("ptq_int8")
+    choice = result.details["granularity_choice"]
+    per_tensor = choice["per_tensor_saving"] >= 0.05 and choice["per_tensor_drop_pts_on_train"] <= 0.5
+    assert result.details["weight_granularity"] == ("per_tensor" if per_tensor else "per_channel")
+    assert result.artifacts["deploy"].stat().st_size == choice[result.details["weight_granularity"]]["size_bytes"]
+    assert sorted(p.name for p in result.artifacts["deploy"].parent.glob("*.tflite")) == ["ptq_int8.tflite"]
+
+
 def test_ptq_int4_is_under_20_percent_of_fp32_and_names_the_layers_kept_wider(runs, demo):
     result, accuracy = runs("ptq_int4")
     assert size_ratio(result, demo[1]) <= 0.20
@@ -97,6 +129,16 @@ def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
     assert accuracy >= PLAUSIBLE_ACCURACY
 
 
+def test_structured_fine_tuning_distils_from_the_unpruned_model_or_uses_labels_alone(runs):
+    distilled, distilled_accuracy = runs("prune_structured", keep_fraction=0.5)
+    alone, alone_accuracy = runs("prune_structured", keep_fraction=0.5, distill=False)
+    assert distilled.details["distilled_from_original"] is True
+    assert alone.details["distilled_from_original"] is False
+    assert distilled.details["learning_rate_schedule"] == "cosine"
+    assert distilled.params == alone.params
+    assert min(distilled_accuracy, alone_accuracy) >= PLAUSIBLE_ACCURACY
+
+
 def test_distilled_student_is_smaller_and_is_compared_with_the_student_alone(runs, demo):
     result, accuracy = runs("distillation")
     params, macs = count_params_macs(demo[0].module)
@@ -113,12 +155,21 @@ def test_qat_gives_an_int8_file_at_least_as_accurate_as_ptq(runs, demo):
 
 
 def test_hybrid_is_smaller_than_int8_alone_and_keeps_sparsity_through_int8(runs, demo):
-    result, accuracy = runs("hybrid")
+    result, accuracy = runs("hybrid")  # epochs 1: structured stage 3 epochs, PQAT 1
     int8_result, _ = runs("ptq_int8")
     assert result.artifacts["deploy"].stat().st_size < 0.5 * int8_result.artifacts["deploy"].stat().st_size
+    assert result.details["structured"]["epochs"] == 3
     assert result.details["sparsity_in_int8_file"] >= 0.4
     assert result.details["compressed_size_bytes"] < result.artifacts["deploy"].stat().st_size
     assert accuracy >= PLAUSIBLE_ACCURACY
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_estimated_time_grows_with_the_number_of_layers(name):
+    technique, config = get_technique("tensorflow", name), TechniqueConfig(output_dir=None)
+    shallow = {"params": 360_000, "macs": 2.6e6, "train_samples": 1_000, "calib_samples": 128, "layers": 8}
+    deep = {**shallow, "layers": 65}
+    assert 0 < technique.estimate_time(shallow, config) < technique.estimate_time(deep, config)
 
 
 def test_a_stop_request_ends_fine_tuning_at_the_next_batch(demo, digits, tmp_path):

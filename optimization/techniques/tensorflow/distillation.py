@@ -17,12 +17,14 @@ class Technique(BaseOptimization):
                 "learning_rate": 2e-3, "batch_size": 32}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
-        from optimization.backends.tensorflow import SECONDS_PER_CONVERSION, training_seconds
+        from optimization.backends.tensorflow import conversion_seconds, training_seconds
+        from optimization.techniques.tensorflow.prune_structured import narrowed_step_cost
 
         options = self.options(config)
         # distilled run (student + teacher forward) and the student alone
-        return 2.5 * training_seconds({**model_info, "macs": (model_info.get("macs") or 1e6)
-                                       * options["width"]}, options["epochs"]) + SECONDS_PER_CONVERSION
+        return sum(training_seconds(model_info, options["epochs"],
+                                    step=narrowed_step_cost(options["width"], distill))
+                   for distill in (True, False)) + conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
         from optimization.backends.tensorflow import (

@@ -28,9 +28,10 @@ class Technique(BaseOptimization):
     defaults = {"scheme": "fc4_conv8"}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
-        from optimization.backends.tensorflow import SECONDS_PER_CONVERSION
+        from optimization.backends.tensorflow import conversion_seconds
 
-        return 1.5 * SECONDS_PER_CONVERSION
+        # the FP32 conversion, then the quantizer's pass over the file
+        return 1.1 * conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
         from ai_edge_quantizer import qtyping, quantizer
