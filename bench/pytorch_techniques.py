@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BENCHMARKS, MOBILENET_EPOCHS, markdown_table, rewrite_section, run, targets  # noqa: E402
 from optimization.backends import pytorch as backend  # noqa: E402
 from optimization.datasets import load_dataset  # noqa: E402
+from optimization.hostcpu import keep_matrix_engine_out  # noqa: E402
 from optimization.zoo.pytorch import build  # noqa: E402
 
 SECTION = "## PyTorch techniques"
@@ -91,7 +92,8 @@ def write_section(results: list[dict], machine: str) -> None:
 
 def main() -> None:
     run(__doc__.split("\n")[0], backend.BACKEND, "NCHW",
-        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {backend.torch.get_num_threads()}",
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {backend.torch.get_num_threads()}, "
+        f"AMX {keep_matrix_engine_out()}",
         mobilenet_model, lambda model: backend.count_params_macs(model.module, model.input_shape),
         targets(int8_speedup=1.5), write_section)
 

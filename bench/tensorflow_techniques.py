@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from bench.common import BENCHMARKS, markdown_table, rewrite_section, run, targets  # noqa: E402
 from optimization.backends import tensorflow as backend  # noqa: E402
 from optimization.datasets import load_dataset  # noqa: E402
+from optimization.hostcpu import keep_matrix_engine_out  # noqa: E402
 from optimization.zoo.keras import mobilenet_v2_small  # noqa: E402
 
 SECTION = "## TensorFlow techniques"
@@ -122,7 +123,7 @@ def write_section(results: list[dict], machine: str) -> None:
 def main() -> None:
     run(__doc__.split("\n")[0], backend.BACKEND, "NHWC",
         f"{platform.machine()}, {os.cpu_count()} cores, TensorFlow {backend.tf.__version__}, "
-        f"LiteRT {backend.LITERT_THREADS} thread",
+        f"LiteRT {backend.LITERT_THREADS} thread, AMX {keep_matrix_engine_out()}",
         mobilenet_model, lambda model: backend.count_params_macs(model.module),
         targets(int8_speedup=2), write_section)
 

@@ -6,7 +6,10 @@ user downloads — never the eager framework model.
 from __future__ import annotations
 
 import gzip
+import statistics
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -14,6 +17,11 @@ from optimization.base import Backend
 from optimization.datasets import Dataset
 
 EVAL_BATCH = 256
+# batch-1 latency: warm-up runs, then blocks of timed runs; a block's median is its figure
+LATENCY_WARMUP_RUNS = 10
+LATENCY_BLOCKS = 5
+LATENCY_RUNS_PER_BLOCK = 60
+LATENCY_BUDGET_S = 2.5
 
 
 def accuracy(backend: Backend, deploy_path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -22,6 +30,26 @@ def accuracy(backend: Backend, deploy_path: Path, x: np.ndarray, y: np.ndarray) 
         logits = backend.predict(deploy_path, x[start : start + EVAL_BATCH])
         correct += int((np.asarray(logits).argmax(axis=1) == y[start : start + EVAL_BATCH]).sum())
     return correct / len(x)
+
+
+def steady_latency_ms(invoke: Callable[[], object]) -> float:
+    """Milliseconds one `invoke()` takes: after LATENCY_WARMUP_RUNS warm-up calls,
+    LATENCY_BLOCKS blocks of up to LATENCY_RUNS_PER_BLOCK timed calls (within
+    LATENCY_BUDGET_S seconds in all, at least 3 a block); the lowest block median, so a burst
+    of load from other processes during one block does not decide the number. Both runtimes
+    are timed by this one rule, so their numbers compare."""
+    for _ in range(LATENCY_WARMUP_RUNS):
+        invoke()
+    block_medians = []
+    for _ in range(LATENCY_BLOCKS):
+        timings = []
+        deadline = time.perf_counter() + LATENCY_BUDGET_S / LATENCY_BLOCKS
+        while len(timings) < LATENCY_RUNS_PER_BLOCK and (len(timings) < 3 or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            invoke()
+            timings.append((time.perf_counter() - start) * 1000)
+        block_medians.append(statistics.median(timings))
+    return min(block_medians)
 
 
 def compressed_size(path: Path) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,10 +33,6 @@ OUTPUT_NAME = "logits"
 # gives an eager nn.Module (prunable, trainable) instead of a flat exported graph.
 ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
-LATENCY_WARMUP_RUNS = 10
-LATENCY_BLOCKS = 5
-LATENCY_RUNS_PER_BLOCK = 60
-LATENCY_BUDGET_S = 2.5
 # One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
 # processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
 torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
@@ -101,27 +95,15 @@ class PyTorchBackend:
 
     def latency_ms(self, deploy_path: Path, sample) -> float:
         """Batch-1 latency in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers compare across
-        models on a shared machine): after LATENCY_WARMUP_RUNS warm-up runs, LATENCY_BLOCKS blocks
-        of up to LATENCY_RUNS_PER_BLOCK timed runs (within LATENCY_BUDGET_S seconds in all); the
-        result is the lowest block median, so a burst of load from other processes during one
-        block does not decide the number."""
+        models on a shared machine), timed by `evaluator.steady_latency_ms`."""
+        from optimization.evaluator import steady_latency_ms
+
         session = ort_session(deploy_path, threads=1)
         sample = np.asarray(sample, dtype=np.float32)
         if sample.ndim == len(session.get_inputs()[0].shape) - 1:
             sample = sample[None]
         feed = {session.get_inputs()[0].name: sample[:1]}
-        for _ in range(LATENCY_WARMUP_RUNS):
-            session.run(None, feed)
-        block_medians = []
-        for _ in range(LATENCY_BLOCKS):
-            timings = []
-            deadline = time.perf_counter() + LATENCY_BUDGET_S / LATENCY_BLOCKS
-            while len(timings) < LATENCY_RUNS_PER_BLOCK and (len(timings) < 3 or time.perf_counter() < deadline):
-                start = time.perf_counter()
-                session.run(None, feed)
-                timings.append((time.perf_counter() - start) * 1000)
-            block_medians.append(statistics.median(timings))
-        return min(block_medians)
+        return steady_latency_ms(lambda: session.run(None, feed))
 
     def train_demo_model(self, dataset, path: Path) -> Path:
         return train_demo_model(dataset, path)

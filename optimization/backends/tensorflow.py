@@ -14,7 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,9 +36,6 @@ from optimization.safety.savedmodel_check import check_savedmodel_dir
 # Latency is measured single-threaded: it is the most stable number on a shared host and the
 # device estimator scales it to the target's thread count.
 LITERT_THREADS = 1
-LATENCY_WARMUP = 10
-LATENCY_RUNS = 100
-LATENCY_BUDGET_S = 2.0
 REPRESENTATIVE_SAMPLES = 200
 PREDICT_BATCH = 256
 # Rough cost model for ETAs, timed on the 2-core host for the digits demo (8 kernels in its
@@ -116,21 +112,15 @@ class TensorFlowBackend:
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
     def latency_ms(self, deploy_path: Path, sample) -> float:
-        """Median of up to LATENCY_RUNS batch-1 invokes after warm-up, LITERT_THREADS thread;
-        `sample` is one sample, with or without its batch axis."""
+        """Batch-1 latency in LiteRT with LITERT_THREADS thread, timed by
+        `evaluator.steady_latency_ms`; `sample` is one sample, with or without its batch axis."""
+        from optimization.evaluator import steady_latency_ms
+
         interpreter, batch = _interpreter(deploy_path, np.asarray(sample, dtype=np.float32))
         if len(batch) != 1:
             interpreter, batch = _interpreter(deploy_path, batch[:1])
         _set_input(interpreter, batch)
-        for _ in range(LATENCY_WARMUP):
-            interpreter.invoke()
-        timings = []
-        deadline = time.perf_counter() + LATENCY_BUDGET_S
-        while len(timings) < LATENCY_RUNS and (len(timings) < 10 or time.perf_counter() < deadline):
-            start = time.perf_counter()
-            interpreter.invoke()
-            timings.append(time.perf_counter() - start)
-        return float(np.median(timings) * 1000.0)
+        return steady_latency_ms(interpreter.invoke)
 
     def train_demo_model(self, dataset, path: Path) -> Path:
         """Train `digits_cnn` on the digits preset (NHWC) and save it as `.keras`."""
