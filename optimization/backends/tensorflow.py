@@ -385,7 +385,9 @@ def fit(model, x, y, epochs: int, progress: ProgressFn | None = None, *, learnin
         cosine: bool = False, seed: int = 0):
     """Train with Adam on sparse labels (its rate cosine-decayed over the run when `cosine`),
     reporting each batch to `progress`. With compile_model=False the model brings its own
-    optimizer and loss (a distiller)."""
+    optimizer and loss (a distiller). A budget of 0 epochs trains nothing."""
+    if epochs <= 0:
+        return None
     if compile_model:
         decay = training_steps(len(x), epochs, batch_size) if cosine else 0
         model.compile(optimizer=adam(learning_rate, decay),

@@ -81,7 +81,7 @@ class Technique(BaseOptimization):
 
         progress(0.7, "pruning-preserving quantization-aware training", {})
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-        quantized, not_annotated = quantize_aware(current, scheme)
+        quantized, not_annotated = quantize_aware(current, dataset.x_calib, scheme)
         fit(quantized, dataset.x_train, dataset.y_train, int(options["qat_epochs"]), progress,
             learning_rate=float(options["qat_learning_rate"]), cosine=True,
             batch_size=int(options["batch_size"]), span=(0.7, 0.9),
