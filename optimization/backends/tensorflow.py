@@ -329,6 +329,84 @@ def _invoke(interpreter: Interpreter, x: np.ndarray) -> np.ndarray:
     return output.astype(np.float32)
 
 
+def pointwise_convs_as_fully_connected(content: bytes) -> tuple[bytes, int]:
+    """The float `.tflite` with every pointwise convolution (CONV_2D 1x1, stride 1, undilated,
+    ungrouped, constant weight used by no other op) written as FULLY_CONNECTED with
+    keep_num_dims, and how many were rewritten.
+
+    On NHWC that is the same maths: each pixel's channel vector times the weight, whose
+    [O, 1, 1, I] layout is FULLY_CONNECTED's [O, I] byte for byte; bias and fused activation
+    carry over, padding does not matter at 1x1 (outputs match to float rounding). Why: LiteRT's
+    XNNPACK delegate runs FULLY_CONNECTED with 4-bit weights and 8-bit activations but never
+    takes a CONV_2D with 4-bit weights, which falls back to slow built-in kernels and splits the
+    graph, so 4-bit pointwise layers (most of a MobileNet's weights) need this form.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    codes = [code.builtinCode for code in model.operatorCodes]
+    fc_code = None
+    rewritten = 0
+    for subgraph in model.subgraphs:
+        uses = Counter(index for op in subgraph.operators for index in op.inputs)
+        for op in subgraph.operators:
+            if codes[op.opcodeIndex] != schema.BuiltinOperator.CONV_2D:
+                continue
+            options, weight = op.builtinOptions, subgraph.tensors[op.inputs[1]]
+            out_channels, height, width, in_channels = (int(d) for d in weight.shape)
+            if ((height, width) != (1, 1) or (options.strideH, options.strideW) != (1, 1)
+                    or (options.dilationHFactor, options.dilationWFactor) != (1, 1)
+                    or int(subgraph.tensors[op.inputs[0]].shape[-1]) != in_channels  # grouped
+                    or uses[op.inputs[1]] != 1
+                    or model.buffers[weight.buffer].data is None):  # weight computed at runtime
+                continue
+            if fc_code is None:
+                if schema.BuiltinOperator.FULLY_CONNECTED not in codes:
+                    code = schema.OperatorCodeT()
+                    code.builtinCode = code.deprecatedBuiltinCode = (
+                        schema.BuiltinOperator.FULLY_CONNECTED)
+                    code.version = 1
+                    model.operatorCodes.append(code)
+                    codes.append(code.builtinCode)
+                fc_code = codes.index(schema.BuiltinOperator.FULLY_CONNECTED)
+            fully_connected = schema.FullyConnectedOptionsT()
+            fully_connected.fusedActivationFunction = options.fusedActivationFunction
+            fully_connected.keepNumDims = True
+            op.opcodeIndex = fc_code
+            op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+            op.builtinOptions = fully_connected
+            weight.shape = np.array([out_channels, in_channels], dtype=np.int32)
+            if weight.shapeSignature is not None and len(weight.shapeSignature):
+                weight.shapeSignature = np.array([out_channels, in_channels], dtype=np.int32)
+            rewritten += 1
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), rewritten
+
+
+def xnnpack_partitions(deploy_path: Path) -> tuple[int, dict[str, int]]:
+    """How many subgraphs LiteRT's default XNNPACK delegate takes in the file (1: the whole
+    graph, when nothing is left out) and the ops it leaves to the built-in kernels, by type."""
+    interpreter = Interpreter(model_path=str(deploy_path), num_threads=LITERT_THREADS)
+    interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()
+    delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+    producer = {int(t): op["index"] for op in ops if op["op_name"] != "DELEGATE"
+                for t in op["outputs"]}
+    covered = set()
+    for delegate in delegates:  # walk back from each partition's outputs to its inputs
+        stop = {int(t) for t in delegate["inputs"]}
+        frontier = [int(t) for t in delegate["outputs"]]
+        while frontier:
+            tensor = frontier.pop()
+            if tensor in stop or tensor not in producer or producer[tensor] in covered:
+                continue
+            covered.add(producer[tensor])
+            frontier += [int(t) for t in ops[producer[tensor]]["inputs"] if t >= 0]
+    left = Counter(op["op_name"] for op in ops
+                   if op["op_name"] != "DELEGATE" and op["index"] not in covered)
+    return len(delegates), dict(left)
+
+
 # ----------------------------------------------------------------------------- training
 
 

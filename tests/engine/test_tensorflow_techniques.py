@@ -113,6 +113,84 @@ def test_ptq_int4_is_under_20_percent_of_fp32_and_names_the_layers_kept_wider(ru
                if layer["op"] == "FULLY_CONNECTED")
 
 
+def test_ptq_int4_default_runs_in_one_xnnpack_partition_with_4_bit_dense_weights(runs):
+    from optimization.backends.tensorflow import tflite_weights, xnnpack_partitions
+
+    result, _ = runs("ptq_int4")
+    int8_result, _ = runs("ptq_int8")
+    deploy = result.artifacts["deploy"]
+    assert result.details["scheme"] == "w4a8"
+    assert result.details["activations"].startswith("int8, calibrated on")
+    assert xnnpack_partitions(deploy) == (1, {})  # nothing left to the built-in kernels
+    assert result.details["xnnpack"] == {"partitions": 1, "ops_left_to_builtin_kernels": {}}
+    biggest_dense = max((w for w in tflite_weights(deploy) if w["op"] == "FULLY_CONNECTED"),
+                        key=lambda w: w["data"].size)
+    assert biggest_dense["weight_bits"] == 4
+    assert deploy.stat().st_size < int8_result.artifacts["deploy"].stat().st_size
+
+
+def op_names(tflite_path: Path) -> list[str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items()
+             if not name.startswith("_")}
+    model = schema.ModelT.InitFromPackedBuf(tflite_path.read_bytes(), 0)
+    return [names[model.operatorCodes[op.opcodeIndex].builtinCode]
+            for op in model.subgraphs[0].operators]
+
+
+@pytest.fixture(scope="module")
+def pointwise_cnn(tmp_path_factory):
+    """A float .tflite with a 3x3 conv, a pointwise conv (with bias and ReLU), a strided 1x1
+    conv, a big and a small dense layer; and random inputs for it."""
+    from optimization.backends.tensorflow import convert_to_tflite, keras
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)), layers.Conv2D(8, 3, padding="same", activation="relu"),
+        layers.Conv2D(16, 1, activation="relu"), layers.Conv2D(8, 1, strides=2),
+        layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dense(10)])
+    x = np.random.default_rng(0).random((32, 6, 6, 3), dtype=np.float32)
+    return convert_to_tflite(model, tmp_path_factory.mktemp("pointwise") / "fp32.tflite"), x
+
+
+def test_pointwise_conv_rewrite_as_fully_connected_is_exact(pointwise_cnn, tmp_path):
+    from optimization.backends.tensorflow import pointwise_convs_as_fully_connected, write_bytes
+
+    float_path, x = pointwise_cnn
+    content, rewritten = pointwise_convs_as_fully_connected(float_path.read_bytes())
+    rewritten_path = write_bytes(content, tmp_path / "rewritten.tflite")
+    assert rewritten == 1
+    before, after = op_names(float_path), op_names(rewritten_path)
+    assert before[:3] == ["CONV_2D", "CONV_2D", "CONV_2D"]
+    # only the 1x1 stride-1 conv changed; the 3x3 and the strided 1x1 stay convolutions
+    assert after == [before[0], "FULLY_CONNECTED", *before[2:]]
+    np.testing.assert_allclose(BACKEND.predict(rewritten_path, x), BACKEND.predict(float_path, x),
+                               atol=1e-5)
+
+
+def test_ptq_int4_w4a8_puts_big_dense_weights_in_4_bits_small_ones_and_convs_in_8(
+        pointwise_cnn, tmp_path):
+    from optimization.backends.tensorflow import (
+        pointwise_convs_as_fully_connected, tflite_weights, write_bytes)
+    from optimization.techniques.tensorflow.ptq_int4 import SMALL_LAYER_WEIGHTS, quantize_w4a8
+
+    float_path, x = pointwise_cnn
+    content, _ = pointwise_convs_as_fully_connected(float_path.read_bytes())
+    quantized, samples = quantize_w4a8(content, x)
+    path = write_bytes(quantized, tmp_path / "w4a8.tflite")
+    assert samples == len(x)
+    float_sizes = [w["data"].size // 4 for w in tflite_weights(float_path)]  # float32 bytes
+    bits = [(w["op"], w["weight_bits"], size >= SMALL_LAYER_WEIGHTS)
+            for w, size in zip(tflite_weights(path), float_sizes)]
+    assert bits == [("CONV_2D", 8, False), ("FULLY_CONNECTED", 8, False), ("CONV_2D", 8, False),
+                    ("FULLY_CONNECTED", 4, True), ("FULLY_CONNECTED", 8, False)]
+    outputs = BACKEND.predict(path, x)
+    reference = BACKEND.predict(float_path, x)
+    assert np.corrcoef(outputs.ravel(), reference.ravel())[0, 1] > 0.95  # int8 in, float out
+
+
 def test_unstructured_pruning_reaches_its_sparsity_but_only_the_compressed_file_shrinks(runs, demo):
     result, accuracy = runs("prune_unstructured", target_sparsity=0.5)
     assert result.details["sparsity"] == pytest.approx(0.5, abs=0.02)
