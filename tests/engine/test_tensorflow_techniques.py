@@ -235,9 +235,10 @@ def test_qat_gives_an_int8_file_at_least_as_accurate_as_ptq(runs, demo):
 def test_qat_starts_from_the_calibrated_ranges_of_ptq(runs):
     """Before any fine-tuning step the QAT file already matches PTQ: tfmot's own start, ranges
     of [-6, 6] and an input range of [0, 0], gives chance accuracy there."""
-    _, accuracy = runs("qat", epochs=0)
+    result, accuracy = runs("qat", epochs=0)
     _, ptq_accuracy = runs("ptq_int8")
     assert accuracy >= ptq_accuracy - 0.02
+    assert result.details["activation_ranges"].startswith("calibrated on")
 
 
 def test_hybrid_is_smaller_than_int8_alone_and_keeps_sparsity_through_int8(runs, demo):

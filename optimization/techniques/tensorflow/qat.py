@@ -57,6 +57,8 @@ class Technique(BaseOptimization):
                                    dataset.x_calib)
         details = {"precision": "int8", "epochs": epochs, "weights_bits": 8, "activations_bits": 8,
                    "layers_not_annotated": not_annotated,
+                   "activation_ranges": f"calibrated on {len(dataset.x_calib)} samples before "
+                                        "fine-tuning (tfmot's own start: [-6, 6])",
                    "native_note": "the .keras file holds the QAT model; load it inside "
                                   "tfmot.quantization.keras.quantize_scope()"}
         return technique_result(self.name, config, quantized, deploy, details,
