@@ -22,8 +22,8 @@ LATENCY_WARMUP_RUNS = 10
 LATENCY_BLOCKS = 5
 LATENCY_RUNS_PER_BLOCK = 60
 # each block lasts at least this long, so the five spread over half a second even for a
-# model of microseconds: right after training, TensorFlow's pool threads still spin for a
-# while, and five blocks of 60 runs of the 8x8 demo (20 ms in all) measured its baseline 3x slow
+# model of microseconds: five blocks of 60 runs of the 8x8 demo took 20 ms in all, and one
+# slow spell right after training measured its baseline 3x slow
 LATENCY_BLOCK_MIN_S = 0.1
 LATENCY_BUDGET_S = 2.5
 

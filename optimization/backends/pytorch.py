@@ -23,6 +23,7 @@ from optimization.base import (
     UnsafeModelError,
 )
 from optimization.backends.pytorch_graph import prepare_exported_module
+from optimization.evaluator import steady_latency_ms
 from optimization.safety.pickle_scan import check_torch_archive
 from optimization.zoo import pytorch as zoo
 
@@ -96,8 +97,6 @@ class PyTorchBackend:
     def latency_ms(self, deploy_path: Path, sample) -> float:
         """Batch-1 latency in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers compare across
         models on a shared machine), timed by `evaluator.steady_latency_ms`."""
-        from optimization.evaluator import steady_latency_ms
-
         session = ort_session(deploy_path, threads=1)
         sample = np.asarray(sample, dtype=np.float32)
         if sample.ndim == len(session.get_inputs()[0].shape) - 1:

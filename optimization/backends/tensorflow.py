@@ -29,6 +29,7 @@ from optimization.base import (
     ProgressFn,
     TechniqueConfig,
 )
+from optimization.evaluator import steady_latency_ms
 from optimization.safety.archives import safe_extract_zip
 from optimization.safety.keras_check import check_keras_file
 from optimization.safety.savedmodel_check import check_savedmodel_dir
@@ -114,8 +115,6 @@ class TensorFlowBackend:
     def latency_ms(self, deploy_path: Path, sample) -> float:
         """Batch-1 latency in LiteRT with LITERT_THREADS thread, timed by
         `evaluator.steady_latency_ms`; `sample` is one sample, with or without its batch axis."""
-        from optimization.evaluator import steady_latency_ms
-
         interpreter, batch = _interpreter(deploy_path, np.asarray(sample, dtype=np.float32))
         if len(batch) != 1:
             interpreter, batch = _interpreter(deploy_path, batch[:1])
@@ -267,12 +266,13 @@ WEIGHTED_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "TRA
 BITS_BY_TFLITE_TYPE = {0: 32, 1: 16, 9: 8, 17: 4}
 
 
-def tflite_weights(tflite_path: Path) -> list[dict]:
-    """Each op with a constant weight: op type, tensor name, storage bits and its stored values
+def tflite_weights(tflite: Path | bytes) -> list[dict]:
+    """Each op with a constant weight, in a `.tflite` file or its bytes: op type, its output
+    tensor's name, the weight tensor's name, shape and storage bits, and its stored values
     (integers for quantized weights; packed bytes for 4-bit)."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = flatbuffer.read_model(Path(tflite_path).read_bytes())
+    model = flatbuffer.read_model(tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes())
     found = []
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
@@ -284,7 +284,10 @@ def tflite_weights(tflite_path: Path) -> list[dict]:
             data = model.buffers[tensor.buffer].data
             if data is None:  # not a constant (e.g. a computed matmul operand)
                 continue
-            found.append({"op": op_name.name, "weight": flatbuffer.get_tensor_name(tensor),
+            found.append({"op": op_name.name,
+                          "output": flatbuffer.get_tensor_name(subgraph.tensors[op.outputs[0]]),
+                          "weight": flatbuffer.get_tensor_name(tensor),
+                          "weight_shape": [int(d) for d in tensor.shape],
                           "weight_bits": BITS_BY_TFLITE_TYPE.get(tensor.type, 32),
                           "data": np.asarray(data)})
     return found
@@ -481,7 +484,7 @@ def fit(model, x, y, epochs: int, progress: ProgressFn | None = None, *, learnin
 
 def follow_batchnorm_faster(model, momentum: float = SHORT_TRAINING_BN_MOMENTUM):
     """Let BatchNorm running statistics catch up within a short from-scratch training."""
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
     return model
@@ -529,16 +532,16 @@ def count_params_macs(model) -> tuple[int, int]:
     The converter folds BatchNorm into the layer before it, leaving one bias per channel, so a
     BatchNorm counts its channels (exact after bias-free convolutions, as in the zoo models):
     the counts match what the analyzer reads from the `.tflite`."""
-    layers = [unwrap(layer) for layer in _leaf_layers(model)]
+    layers = [unwrap(layer) for layer in leaf_layers(model)]
     params = sum(int(layer.moving_mean.shape[-1]) if isinstance(layer, keras.layers.BatchNormalization)
                  else layer.count_params() for layer in layers)
-    return int(params), int(sum(_layer_macs(layer) for layer in _leaf_layers(model)))
+    return int(params), int(sum(_layer_macs(layer) for layer in leaf_layers(model)))
 
 
-def _leaf_layers(model):
+def leaf_layers(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         else:
             yield layer
 
@@ -571,7 +574,7 @@ def _layer_macs(wrapped) -> int:
 
 def nonzero_fraction(model) -> float:
     """Share of non-zero weights among kernels (what pruning zeroes)."""
-    kernels = [w.numpy() for layer in _leaf_layers(model) for w in unwrap(layer).weights
+    kernels = [w.numpy() for layer in leaf_layers(model) for w in unwrap(layer).weights
                if "kernel" in w.name]
     total = sum(k.size for k in kernels)
     return float(sum(np.count_nonzero(k) for k in kernels) / total) if total else 1.0

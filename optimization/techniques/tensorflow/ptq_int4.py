@@ -32,12 +32,13 @@ import numpy as np
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
 
-# weight bits by op. w4a8: static (calibrated int8 activations), its pointwise convolutions
-# rewritten as FULLY_CONNECTED, small ones kept 8-bit; the others: weight-only, dynamic range
-SCHEMES = {"w4a8": {"FULLY_CONNECTED": 4, "CONV_2D": 8, "DEPTHWISE_CONV_2D": 8},
-           "fc4_conv8": {"FULLY_CONNECTED": 4, "CONV_2D": 8, "DEPTHWISE_CONV_2D": 8},
-           "all4": {"FULLY_CONNECTED": 4, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 8}}
-STATIC_SCHEMES = {"w4a8"}
+# w4a8: static (calibrated int8 activations), its pointwise convolutions rewritten as
+# FULLY_CONNECTED, small ones kept 8-bit (see quantize_w4a8); the others: weight-only, dynamic
+# range, with their weight bits by op
+STATIC_SCHEME = "w4a8"
+WEIGHT_ONLY_SCHEMES = {"fc4_conv8": {"FULLY_CONNECTED": 4, "CONV_2D": 8, "DEPTHWISE_CONV_2D": 8},
+                       "all4": {"FULLY_CONNECTED": 4, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 8}}
+SCHEMES = (STATIC_SCHEME, *WEIGHT_ONLY_SCHEMES)
 # fully connected layers with fewer weights stay 8-bit in w4a8: on MobileNetV2 0.35 the first
 # blocks' pointwise layers, where 4 bits cost the most accuracy, for ~5 kB
 SMALL_LAYER_WEIGHTS = 2048
@@ -71,7 +72,7 @@ class Technique(BaseOptimization):
 
         # the FP32 conversion, then the quantizer's pass over the file (and calibration)
         seconds = 1.1 * conversion_seconds(model_info)
-        if self.options(config)["scheme"] in STATIC_SCHEMES:
+        if self.options(config)["scheme"] == STATIC_SCHEME:
             layers = model_info.get("layers") or DEFAULT_LAYERS
             samples = min(model_info.get("calib_samples") or REPRESENTATIVE_SAMPLES,
                           REPRESENTATIVE_SAMPLES)
@@ -93,7 +94,7 @@ class Technique(BaseOptimization):
         content = float_path.read_bytes()
         float_path.unlink()
         details = {"precision": "int4", "scheme": scheme}
-        if scheme in STATIC_SCHEMES:
+        if scheme == STATIC_SCHEME:
             content, rewritten = pointwise_convs_as_fully_connected(content)
             progress(0.3, f"calibrating int8 activations ({scheme})", {})
             quantized, samples = quantize_w4a8(content, dataset.x_calib,
@@ -102,7 +103,7 @@ class Technique(BaseOptimization):
             details["activations"] = f"int8, calibrated on {samples} samples (static)"
         else:
             progress(0.5, f"quantizing weights ({scheme})", {})
-            quantized = quantize_weights_only(content, SCHEMES[scheme])
+            quantized = quantize_weights_only(content, WEIGHT_ONLY_SCHEMES[scheme])
             details["activations"] = ("float32, quantized on the fly by the integer kernels "
                                       "(dynamic range)")
         deploy = write_bytes(quantized, output_dir / f"{self.name}.tflite")
@@ -132,9 +133,8 @@ def quantize_w4a8(content: bytes, calibration_x, before_quantizing=lambda: None
     """The static W4A8 file (see the module docstring) and the number of calibration samples."""
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
 
-    from optimization.backends.tensorflow import representative_dataset
+    from optimization.backends.tensorflow import representative_dataset, tflite_weights
 
     ops, granularity = qtyping.TFLOperationName, qtyping.QuantGranularity
     algorithm = algorithm_manager.AlgorithmName
@@ -142,12 +142,9 @@ def quantize_w4a8(content: bytes, calibration_x, before_quantizing=lambda: None
     engine.add_static_config(".*", ops.ALL_SUPPORTED, 8, 8, granularity.TENSORWISE)
     engine.add_static_config(".*", ops.FULLY_CONNECTED, 8, 4, granularity.TENSORWISE,
                              algorithm.OCTAV)
-    model = tfl_flatbuffer_utils.read_model(content)
-    small = [re.escape(tfl_flatbuffer_utils.get_tensor_name(subgraph.tensors[op.outputs[0]]))
-             for subgraph in model.subgraphs for op in subgraph.operators
-             if tfl_flatbuffer_utils.TFL_OP_CODE_TO_NAME.get(
-                 model.operatorCodes[op.opcodeIndex].builtinCode) == ops.FULLY_CONNECTED
-             and np.prod(subgraph.tensors[op.inputs[1]].shape) < SMALL_LAYER_WEIGHTS]
+    small = [re.escape(weight["output"]) for weight in tflite_weights(content)
+             if weight["op"] == "FULLY_CONNECTED"
+             and np.prod(weight["weight_shape"]) < SMALL_LAYER_WEIGHTS]
     if small:  # the quantizer matches an op by "<output tensor name>;"
         engine.add_static_config(f"^(?:{'|'.join(small)});", ops.FULLY_CONNECTED, 8, 8,
                                  granularity.TENSORWISE)

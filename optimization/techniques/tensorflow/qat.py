@@ -104,26 +104,28 @@ def calibrate_activation_ranges(model, x) -> int:
     """Set every moving-average range of the QAT `model` to the min / max its tensor takes on
     `x` (in training mode, as fine-tuning sees it). Each batch's forward pass moves a range
     towards that batch's extremes by 1 - TFMOT_EMA_DECAY; the extremes are read back from the
-    move, every variable is put back, and the widest extremes over all batches are assigned.
-    The other quantizers' variables (weight ranges, set from the weights on every step; the
-    input layer's all-values range) keep what the pass set. Returns the number of ranges set."""
+    move, the state the pass changed (ranges, BatchNorm statistics) is put back, and the widest
+    extremes over all batches are assigned. The other quantizers' variables (weight ranges, set
+    from the weights on every step; the input layer's all-values range) keep what the pass set.
+    Returns the number of ranges set."""
     ranges, other_quantizer_vars = _quantizer_variables(model)
     owned = {variable.ref() for pair in ranges for variable in pair} | {v.ref() for v in other_quantizer_vars}
-    others = [variable for variable in model.weights if variable.ref() not in owned]
+    # a forward pass changes no trainable weight: only these need putting back
+    moved = [variable for variable in model.non_trainable_weights if variable.ref() not in owned]
+    moved_values = [variable.numpy() for variable in moved]
     x = np.asarray(x, dtype=np.float32)
     for _ in range(CALIBRATION_ROUNDS):
+        before = [(low_var.numpy(), high_var.numpy()) for low_var, high_var in ranges]
         low = [np.inf] * len(ranges)
         high = [-np.inf] * len(ranges)
         for start in range(0, len(x), CALIBRATION_BATCH):
-            saved = [variable.numpy() for variable in others]
-            before = [(low_var.numpy(), high_var.numpy()) for low_var, high_var in ranges]
             model(x[start:start + CALIBRATION_BATCH], training=True)
             for index, ((low_var, high_var), (low_before, high_before)) in enumerate(zip(ranges, before)):
                 low[index] = np.minimum(low[index], _ema_target(low_var.numpy(), low_before))
                 high[index] = np.maximum(high[index], _ema_target(high_var.numpy(), high_before))
                 low_var.assign(low_before)
                 high_var.assign(high_before)
-            for variable, value in zip(others, saved):
+            for variable, value in zip(moved, moved_values):
                 variable.assign(value)
         for (low_var, high_var), low_value, high_value in zip(ranges, low, high):
             low_var.assign(np.asarray(low_value, dtype=np.float32).reshape(low_var.shape))
@@ -141,7 +143,7 @@ def _quantizer_variables(model) -> tuple[list[tuple], list]:
     from tensorflow_model_optimization.python.core.quantization.keras import (
         quantize_layer, quantize_wrapper, quantizers)
 
-    from optimization.backends.tensorflow import keras
+    from optimization.backends.tensorflow import leaf_layers
 
     ranges, others = [], []
 
@@ -153,11 +155,8 @@ def _quantizer_variables(model) -> tuple[list[tuple], list]:
         else:
             others.extend(value for value in variables.values() if hasattr(value, "assign"))
 
-    def visit(layer):
-        if isinstance(layer, keras.Model):
-            for inner in layer.layers:
-                visit(inner)
-        elif isinstance(layer, quantize_layer.QuantizeLayer):
+    for layer in leaf_layers(model):
+        if isinstance(layer, quantize_layer.QuantizeLayer):
             add(layer.quantizer, getattr(layer, "quantizer_vars", None))
         elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
             for _, quantizer, variables in layer._weight_vars:
@@ -167,6 +166,4 @@ def _quantizer_variables(model) -> tuple[list[tuple], list]:
                     add(activation.quantizer, getattr(activation, name, None))
             if layer._output_quantizers:
                 add(layer._output_quantizers[0], layer._output_quantizer_vars)
-
-    visit(model)
     return ranges, others
