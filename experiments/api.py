@@ -6,8 +6,10 @@ and `_get_experiment_for_user` is where the ownership check will go.
 from __future__ import annotations
 
 import json
+import math
 from functools import wraps
 
+from django import forms
 from django.http import FileResponse, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -49,6 +51,62 @@ def api_view(*methods: str):
     return decorator
 
 
+class BadJSON(ValueError):
+    """The body is not JSON this API takes; the message says why."""
+
+
+def _refuse_constant(name: str):
+    raise BadJSON(f"{name} is not a number JSON allows; send a finite number or leave the field out")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"{text} is too large to be a number here; send a finite number")
+    return value
+
+
+def parse_json_object(request, allowed_fields) -> dict:
+    """The request's body as a JSON object whose keys are all in `allowed_fields`.
+
+    Refuses (as ServiceError) what json.loads would let through or crash on: a Content-Type
+    other than JSON (415), NaN/Infinity and numbers that overflow to infinity, nesting deep
+    enough to exhaust the parser's recursion, and unknown fields, which a typo would
+    otherwise silently drop."""
+    content_type = request.content_type or ""
+    if request.body and content_type != "application/json":
+        raise services.ServiceError(
+            f"the body must be JSON sent as Content-Type: application/json, not {content_type or 'no type'}", 415)
+    try:
+        body = json.loads(request.body or b"{}", parse_constant=_refuse_constant, parse_float=_finite_float)
+    except BadJSON as exc:
+        raise services.ServiceError(str(exc)) from None
+    except RecursionError:
+        raise services.ServiceError("the JSON body is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise services.ServiceError(f"the body must be JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise services.ServiceError("the body must be a JSON object")
+    if unknown := sorted(set(body) - set(allowed_fields)):
+        raise services.ServiceError(
+            f"unknown field(s) {', '.join(unknown)}; the allowed fields are {', '.join(sorted(allowed_fields))}")
+    return body
+
+
+def _check_json_types(body: dict, fields) -> None:
+    """Forms coerce what a page posts (all strings); a script's JSON must already have the
+    right type, so `"name": 7` or `"techniques": "qat"` is a 400, not a silent conversion."""
+    for name, value in body.items():
+        field = fields[name]
+        if value is None or isinstance(field, forms.JSONField):  # checked by its own validator
+            continue
+        if isinstance(field, forms.MultipleChoiceField):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise services.ServiceError(f"{name} must be a list of names, e.g. [\"ptq_int8\", \"qat\"]")
+        elif isinstance(field, (forms.CharField, forms.ChoiceField)) and not isinstance(value, str):
+            raise services.ServiceError(f"{name} must be a string, not {type(value).__name__}")
+
+
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
     """The one lookup every endpoint uses: 404 for an unknown id (and, with accounts, for
     an experiment that is not the user's)."""
@@ -75,12 +133,8 @@ def experiment_list(request):
 
 @api_view("POST")
 def experiment_create(request):
-    try:
-        body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error(f"the body must be JSON: {exc}")
-    if not isinstance(body, dict):
-        return error("the body must be a JSON object")
+    body = parse_json_object(request, ExperimentForm.base_fields)
+    _check_json_types(body, ExperimentForm.base_fields)
     form = ExperimentForm(data=body)
     if not form.is_valid():
         return form_error(form)
@@ -100,6 +154,8 @@ def experiment_detail(request, experiment_id: int):
 @api_view("POST")
 def experiment_upload(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)
+    if request.content_type != "multipart/form-data":
+        return error("uploads must be multipart/form-data, as `curl -F file=@model.pt2` sends them", 415)
     # Refuse a too-large body before Django reads it (a little slack for the form fields).
     if int(request.META.get("CONTENT_LENGTH") or 0) > services.max_upload_bytes() + 64 * 1024:
         return error(f"uploads are limited to {services.max_upload_bytes() // 2**20} MB", 413)

@@ -2,12 +2,15 @@
 forms the pages use, so both front ends accept and refuse exactly the same things."""
 from __future__ import annotations
 
+import math
+
 from django import forms
 
 from optimization.base import TECHNIQUES
+from optimization.recommender import CONSTRAINT_NAMES
 
 from . import storage
-from .models import CONSTRAINT_NAMES, FRAMEWORK_CHOICES, GOALS, TARGET_DEVICES, TECHNIQUE_CHOICES
+from .models import FRAMEWORK_CHOICES, GOALS, TARGET_DEVICES, TECHNIQUE_CHOICES
 from .services import UPLOAD_KINDS, ServiceError, parse_input_shape
 
 # Techniques that fine-tune, so an epochs budget means something to them.
@@ -29,8 +32,8 @@ def validate_constraints(value) -> dict:
     for name, limit in value.items():
         if limit is None:
             continue
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
-            raise forms.ValidationError(f"constraint {name} must be a number of at least 0, not {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
+            raise forms.ValidationError(f"constraint {name} must be a finite number of at least 0, not {limit!r}")
         cleaned[name] = limit
     return cleaned
 
@@ -148,6 +151,7 @@ class SetupForm(ExperimentForm):
     max_size_mb = forms.FloatField(required=False, min_value=0, label="max size (MB)")
     max_latency_ms = forms.FloatField(required=False, min_value=0, label="max latency on the device (ms)")
     max_memory_mb = forms.FloatField(required=False, min_value=0, label="max memory (MB)")
+    max_energy_mj = forms.FloatField(required=False, min_value=0, label="max energy per inference (mJ)")
     epochs = forms.IntegerField(
         required=False, min_value=0, max_value=MAX_EPOCHS, label="fine-tuning epochs",
         help_text="Blank: each technique's own budget, longest after a channel cut, where recovery "

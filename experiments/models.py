@@ -25,7 +25,6 @@ GOALS = [
     ("max_accuracy", "Most accurate"),
     ("min_energy", "Least energy"),
 ]
-CONSTRAINT_NAMES = ("max_accuracy_drop", "max_size_mb", "max_latency_ms", "max_memory_mb", "max_energy_mj")
 
 
 STATUS_MESSAGES = {

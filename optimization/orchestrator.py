@@ -23,6 +23,7 @@ from optimization.base import ExperimentStopped, TechniqueConfig, TechniqueNotAp
 from optimization.backends import LAYOUTS, RUNTIMES, get_backend
 from optimization.datasets import load_dataset
 from optimization.evaluator import evaluate
+from optimization.recommender import constraints_met, recommend
 from optimization.techniques import get_technique
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,6 @@ def run_experiment(spec: ExperimentSpec, sink: ExperimentSink) -> str:
 
 
 def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
-    from optimization.recommender import constraints_met, recommend
-
     backend = get_backend(spec.framework)
     config = spec.config or {}
     output_dir = Path(spec.output_dir)
@@ -208,8 +207,6 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
         sink.run_started(name)
         run = _run_technique(techniques[name], model, configs[name], dataset, tracker, backend,
                              baseline, spec)
-        run["constraints_met"] = (constraints_met(run, spec.constraints)
-                                  if run["status"] == "completed" else {})
         sink.run_finished(name, run)
         finished[name] = run
         if run["status"] == "stopped":
@@ -225,7 +222,7 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
 
 def _run_technique(technique, model, config, dataset, tracker, backend, baseline, spec) -> dict:
     started = time.monotonic()
-    run: dict = {"status": "completed", "error": None, "details": {}, "artifacts": {}}
+    run: dict = {"status": "completed", "error": None, "details": {}, "artifacts": {}, "constraints_met": {}}
     try:
         tracker(0.0, f"{technique.name}: starting")
         if not model.trainable and not technique.post_training:
@@ -247,6 +244,8 @@ def _run_technique(technique, model, config, dataset, tracker, backend, baseline
             details={**result.details, "analysis": analysis},
             artifacts=dict(result.artifacts),
         )
+        # Inside the try: a check that cannot be made fails this run, never the experiment.
+        run["constraints_met"] = constraints_met(run, spec.constraints)
     except ExperimentStopped:
         run.update(status="stopped", error="stopped by the user")
     except TechniqueNotApplicable as exc:

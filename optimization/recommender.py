@@ -7,6 +7,9 @@ Constraints (any subset; a missing or None limit is not checked), 1 MB = 2**20 b
   max_size_mb        run["size_bytes"] / 2**20                <= limit
   max_latency_ms     run["estimates"]["latency_ms"] (device)  <= limit
   max_memory_mb      run["estimates"]["memory_mb"] (device)   <= limit
+  max_energy_mj      run["estimates"]["energy_mj"] (device)   <= limit
+A constraint whose value the run lacks (no estimate, say) is not met: it fails that run's
+check, never the experiment.
 
 Goals, each a score in (0, 1], higher is better, over the completed runs that pass:
   min_size      best_size / size
@@ -41,9 +44,12 @@ CONSTRAINT_WORDS = {
     "max_size_mb": ("size", "MB"),
     "max_latency_ms": ("estimated latency", "ms"),
     "max_memory_mb": ("estimated peak memory", "MB"),
+    "max_energy_mj": ("estimated energy per inference", "mJ"),
 }
+CONSTRAINT_NAMES = tuple(CONSTRAINT_WORDS)
 # below these a limit is treated as this small for the normalised violation (no division by 0)
-LIMIT_FLOOR = {"max_accuracy_drop": 0.1, "max_size_mb": 0.001, "max_latency_ms": 0.001, "max_memory_mb": 0.001}
+LIMIT_FLOOR = {"max_accuracy_drop": 0.1, "max_size_mb": 0.001, "max_latency_ms": 0.001, "max_memory_mb": 0.001,
+               "max_energy_mj": 0.001}
 
 
 def constraint_value(run: dict, name: str) -> float | None:
@@ -53,6 +59,7 @@ def constraint_value(run: dict, name: str) -> float | None:
         "max_size_mb": run["size_bytes"] / MB if run.get("size_bytes") is not None else None,
         "max_latency_ms": estimates.get("latency_ms"),
         "max_memory_mb": estimates.get("memory_mb"),
+        "max_energy_mj": estimates.get("energy_mj"),
     }[name]
     return None if value is None else float(value)
 

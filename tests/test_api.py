@@ -80,11 +80,82 @@ def test_create_with_bad_input_returns_400_naming_the_field(anonymous, change, w
     assert word in response.json()["error"]
 
 
-def test_create_with_a_body_that_is_not_json_returns_400(anonymous):
+def test_create_with_a_body_that_is_not_json_returns_415(anonymous):
     response = anonymous.post("/api/experiments/create", data="name=x", content_type="text/plain")
+
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]
+    assert not Experiment.objects.exists()
+
+
+def test_create_with_malformed_json_returns_400(anonymous):
+    response = anonymous.post("/api/experiments/create", data="{name", content_type="application/json")
 
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]
+
+
+def test_create_with_unknown_field_returns_400_naming_allowed_fields(anonymous):
+    response = post_json(anonymous, "/api/experiments/create", {**DEMO_BODY, "technique": ["qat"]})
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "technique" in error and "techniques" in error and "constraints" in error
+    assert not Experiment.objects.exists()
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_create_with_a_non_finite_constraint_returns_400(anonymous, number):
+    body = json.dumps(DEMO_BODY)[:-1] + f', "constraints": {{"max_size_mb": {number}}}}}'
+    body = body.replace('"constraints": {"max_accuracy_drop": 1.0}, ', "")
+
+    response = anonymous.post("/api/experiments/create", data=body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert "finite" in response.json()["error"]
+    assert not Experiment.objects.exists()
+
+
+def test_create_with_deeply_nested_json_returns_400(anonymous):
+    body = '{"name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+    response = anonymous.post("/api/experiments/create", data=body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert "nested" in response.json()["error"]
+
+
+@pytest.mark.parametrize("change, word", [
+    ({"name": 7}, "name"),
+    ({"framework": ["pytorch"]}, "framework"),
+    ({"techniques": "qat"}, "techniques"),
+    ({"techniques": [1, 2]}, "techniques"),
+    ({"constraints": {"max_size_mb": "2"}}, "max_size_mb"),
+    ({"constraints": {"max_size_mb": True}}, "max_size_mb"),
+    ({"constraints": [1]}, "constraints"),
+])
+def test_create_with_a_wrongly_typed_field_returns_400(anonymous, change, word):
+    response = post_json(anonymous, "/api/experiments/create", {**DEMO_BODY, **change})
+
+    assert response.status_code == 400
+    assert word in response.json()["error"]
+
+
+def test_create_accepts_an_energy_limit(anonymous):
+    response = post_json(anonymous, "/api/experiments/create", {**DEMO_BODY, "constraints": {"max_energy_mj": 5}})
+
+    assert response.status_code == 201
+    assert response.json()["constraints"] == {"max_energy_mj": 5}
+
+
+def test_upload_that_is_not_multipart_returns_415(anonymous, new_experiment):
+    experiment = new_experiment()
+
+    response = anonymous.post(f"/api/experiments/{experiment.pk}/upload", data=b"\x00" * 10,
+                              content_type="application/octet-stream")
+
+    assert response.status_code == 415
+    assert "multipart/form-data" in response.json()["error"]
 
 
 def test_list_returns_every_experiment(anonymous, new_experiment):

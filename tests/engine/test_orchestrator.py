@@ -225,3 +225,29 @@ def test_progress_raises_experiment_stopped_when_the_sink_says_stop(engine):
     tracker = orchestrator.ProgressTracker(sink, [("baseline", 1.0)])
     with pytest.raises(ExperimentStopped):
         tracker(0.5, "x")
+
+
+def test_an_energy_limit_is_checked_per_run_and_the_experiment_completes(engine):
+    make_spec, techniques = engine
+    techniques["ptq_int8"] = FakeTechnique("ptq_int8")  # the fake estimate spends 1.0 mJ
+    sink = ListSink()
+
+    status = orchestrator.run_experiment(make_spec(["ptq_int8"], {"max_energy_mj": 0.5}), sink)
+
+    assert status == "completed"
+    assert sink.runs()["ptq_int8"]["constraints_met"] == {"max_energy_mj": False}
+    recommendation = sink.events[-1][1]
+    assert recommendation["satisfied"] is False and "max_energy_mj" in recommendation["reasoning"]
+
+
+def test_a_run_whose_constraint_check_raises_fails_alone(engine, monkeypatch):
+    make_spec, techniques = engine
+    techniques["ptq_int8"] = FakeTechnique("ptq_int8")
+    monkeypatch.setattr(orchestrator, "constraints_met", lambda run, constraints: 1 / 0)
+    sink = ListSink()
+
+    status = orchestrator.run_experiment(make_spec(["ptq_int8"], {"max_size_mb": 1}), sink)
+
+    assert status == "completed"
+    run = sink.runs()["ptq_int8"]
+    assert run["status"] == "failed" and "ZeroDivisionError" in run["error"]

@@ -128,3 +128,18 @@ def test_importing_the_recommender_loads_no_ml_framework():
     code = "import sys; import optimization.recommender; print('torch' in sys.modules or 'tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_energy_limit_filters_and_ranks():
+    rec = recommend(BASELINE, RUNS, "min_size", {"max_energy_mj": 122})
+
+    assert rec["technique"] == "ptq_int8"  # ptq_int4 is smaller but spends 130 mJ
+    assert rec["satisfied"] is True
+    assert constraints_met(RUNS[1], {"max_energy_mj": 122}) == {"max_energy_mj": False}
+
+
+def test_a_constraint_the_run_has_no_value_for_is_not_met():
+    without_estimates = {**RUNS[0], "estimates": {}}
+
+    assert constraints_met(without_estimates, {"max_energy_mj": 1000, "max_size_mb": 2}) == {
+        "max_energy_mj": False, "max_size_mb": True}
