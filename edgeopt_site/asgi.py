@@ -11,11 +11,16 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from edgeopt_site.body_limits import BodyLimitMiddleware, install_daphne_request_class  # noqa: E402
 from experiments.routing import websocket_urlpatterns  # noqa: E402
+
+# Under Daphne the body is read before the application is called, so the limit must be
+# applied in Daphne's request class too (see body_limits).
+install_daphne_request_class()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimitMiddleware(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
