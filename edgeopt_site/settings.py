@@ -9,6 +9,10 @@ with ImproperlyConfigured instead of running with a silent default.
     EDGEOPT_MAX_UPLOAD_MB          larger uploads get 413 (default 200)
     EDGEOPT_TASK_TIMEOUT           seconds one experiment may run in the worker (default 3600)
     EDGEOPT_MAX_ATTEMPTS           runs of one experiment before it is marked failed (default 2)
+    CSRF_TRUSTED_ORIGINS           comma list of https://host origins
+    SECURE_SSL_REDIRECT, SECURE_HSTS_SECONDS, SECURE_HSTS_INCLUDE_SUBDOMAINS, SECURE_HSTS_PRELOAD,
+    SESSION_COOKIE_SECURE, CSRF_COOKIE_SECURE   Django's settings of those names (default off)
+    BEHIND_TLS_PROXY               true: trust X-Forwarded-Proto: https from the proxy
 """
 import os
 from pathlib import Path
@@ -99,6 +103,17 @@ SECRET_KEY = read_secret_key(DEBUG)
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 
+# HTTPS behind a proxy: what `manage.py check --deploy` asks for, each from the environment
+# (off by default, so `make run` works on plain http://127.0.0.1).
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "false")
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", "0")
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "false")
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "false")
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", "false")
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", "false")
+# "true" when a proxy terminates TLS and sets X-Forwarded-Proto (only then: else clients could forge it).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if envbool("BEHIND_TLS_PROXY", "false") else None
+
 INSTALLED_APPS = [
     "daphne",  # first: its runserver serves HTTP and WebSocket
     "django.contrib.admin",
@@ -115,6 +130,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files with DEBUG off too (a team's server), from STATIC_ROOT after collectstatic.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -81,3 +81,37 @@ def test_env_helpers_refuse_bad_values(monkeypatch, helper, value):
 def test_the_task_retry_outlasts_its_timeout():
     assert settings.Q_CLUSTER["retry"] > settings.Q_CLUSTER["timeout"]
     assert settings.Q_CLUSTER["orm"] == "default"
+
+
+def test_check_deploy_with_the_production_settings_set_prints_no_warning():
+    env = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "SECRET_KEY", "SECRET_KEY_FILE")}
+    env.update(DEBUG="false", SECRET_KEY="x" * 20 + "-a-long-random-production-key-0123456789-abcdef",
+               ALLOWED_HOSTS="edgeopt.example", SECURE_SSL_REDIRECT="true", SECURE_HSTS_SECONDS="31536000",
+               SECURE_HSTS_INCLUDE_SUBDOMAINS="true", SECURE_HSTS_PRELOAD="true", SESSION_COOKIE_SECURE="true",
+               CSRF_COOKIE_SECURE="true", BEHIND_TLS_PROXY="true")
+
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.django_db
+def test_every_static_file_the_page_links_is_served_with_debug_off(settings, tmp_path):
+    import re
+
+    from django.core.management import call_command
+    from django.test import Client
+
+    settings.STATIC_ROOT = tmp_path / "staticfiles"
+    call_command("collectstatic", "--noinput", verbosity=0)
+    settings.DEBUG = False
+    client = Client()  # a new handler: WhiteNoise lists STATIC_ROOT when it starts
+
+    page = client.get("/").content.decode()
+    linked = set(re.findall(r'(?:src|href)="(/static/[^"]+)"', page))
+
+    assert any(url.endswith(".css") for url in linked) and any(url.endswith(".js") for url in linked)
+    for url in linked:
+        assert client.get(url).status_code == 200, url
