@@ -7,6 +7,7 @@ with ImproperlyConfigured instead of running with a silent default.
     DATABASE_URL                   sqlite:///path or postgres://... (default: BASE_DIR/db.sqlite3)
     EDGEOPT_STORAGE_ROOT           where models/ and dataset/ live (default BASE_DIR)
     EDGEOPT_MAX_UPLOAD_MB          larger uploads get 413 (default 200)
+    EDGEOPT_MAX_DATASET_MB         the most an uploaded .npz may declare unpacked (default 1024)
     EDGEOPT_TASK_TIMEOUT           seconds one experiment may run in the worker (default 3600)
     EDGEOPT_MAX_ATTEMPTS           runs of one experiment before it is marked failed (default 2)
     CSRF_TRUSTED_ORIGINS           comma list of https://host origins
@@ -173,6 +174,8 @@ CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
 
 EDGEOPT_STORAGE_ROOT = Path(os.getenv("EDGEOPT_STORAGE_ROOT", str(BASE_DIR))).resolve()
 EDGEOPT_MAX_UPLOAD_MB = envint("EDGEOPT_MAX_UPLOAD_MB", "200", minimum=1)
+# What an uploaded .npz may declare once unpacked (its headers are read at upload).
+EDGEOPT_MAX_DATASET_MB = envint("EDGEOPT_MAX_DATASET_MB", "1024", minimum=1)
 EDGEOPT_TASK_TIMEOUT = envint("EDGEOPT_TASK_TIMEOUT", "3600", minimum=1)
 EDGEOPT_MAX_ATTEMPTS = envint("EDGEOPT_MAX_ATTEMPTS", "2", minimum=1)
 

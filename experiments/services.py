@@ -17,6 +17,8 @@ from django.conf import settings
 from django.db import transaction
 
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
+from optimization.datasets import IMAGE_SUFFIXES
+from optimization.safety.archives import check_zip_archive
 
 from . import storage
 from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile
@@ -40,8 +42,6 @@ EXPECTED_CONTENT = {
     ".npz": ("zip",),
 }
 CONTENT_WORDS = {"zip": "a zip archive", "hdf5": "an HDF5 file", "pickle": "a pickle", "onnx": "an ONNX model"}
-NPZ_KEY_SETS = ({"x.npy", "y.npy"}, {"x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy"})
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 CHUNK = 1024 * 1024
 
 
@@ -170,7 +170,15 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
     if "zip" in expected and _sniff(path) == "zip":
         _check_zip_layout(path, suffix, kind, original_name)
     try:
-        if suffix in (".pt", ".pt2", ".pth"):
+        if suffix == ".npz":
+            from optimization.safety.npz_check import read_npz_headers
+
+            read_npz_headers(path, original_name, settings.EDGEOPT_MAX_DATASET_MB * 2**20)
+        elif suffix == ".onnx":
+            from optimization.safety.onnx_check import check_onnx_file
+
+            check_onnx_file(path, original_name)
+        elif suffix in (".pt", ".pt2", ".pth"):
             from optimization.safety.pickle_scan import check_torch_archive
 
             check_torch_archive(path)
@@ -186,18 +194,11 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
     """Entries stay inside the archive, and the archive holds what its kind needs. The
     engine extracts with its own safe extractor; this refuses the obvious early."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = [info.filename for info in archive.infolist()]
-    except zipfile.BadZipFile:
-        raise ServiceError(f"{original_name!r} is not a readable zip archive", field="file") from None
-    for name in names:
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name:
-            raise ServiceError(f"{original_name!r}: entry {name!r} points outside the archive", field="file")
-    files = {PurePosixPath(n) for n in names if not n.endswith("/")}
-    if suffix == ".npz" and not any(keys <= {p.name for p in files} for keys in NPZ_KEY_SETS):
-        raise ServiceError(
-            f"{original_name!r} must hold arrays x_train y_train x_test y_test (or x y)", field="file")
+        members = check_zip_archive(path, repr(original_name))
+    except (zipfile.BadZipFile, UnsafeModelError, InvalidInputError) as exc:
+        message = str(exc) if not isinstance(exc, zipfile.BadZipFile) else f"{original_name!r} is not a readable zip archive"
+        raise ServiceError(message, field="file") from None
+    files = {PurePosixPath(m.filename) for m in members if not m.is_dir()}
     if suffix == ".zip" and kind == "dataset":
         classes = {p.parent.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
         if len(classes) < 2:

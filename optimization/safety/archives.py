@@ -51,6 +51,23 @@ def safe_extract_zip(
     return written
 
 
+def check_zip_archive(
+    zip_path: Path,
+    label: str,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+) -> list[zipfile.ZipInfo]:
+    """The checks of `safe_extract_zip` without extracting (the upload runs them, the worker
+    again when it extracts); returns the members. `label` names the file in messages."""
+    if not zipfile.is_zipfile(zip_path):
+        raise InvalidInputError(f"{label} is not a zip archive")
+    with zipfile.ZipFile(zip_path) as archive:
+        members = archive.infolist()
+    _plan(members, Path("/archive-root"), label, max_files, max_total_bytes, max_ratio)
+    return members
+
+
 def _plan(members, dest_root: Path, label: str, max_files: int, max_total_bytes: int,
           max_ratio: float) -> list[Path]:
     if len(members) > max_files:
