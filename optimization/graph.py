@@ -136,7 +136,7 @@ _ONNX_DTYPE_BITS = {1: 32, 2: 8, 3: 8, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 16: 1
 def read_onnx(path: Path) -> Graph:
     import onnx
 
-    model = _infer_shapes(onnx.load(str(path), load_external_data=False))
+    model = _infer_shapes(_batch_of_one(onnx.load(str(path), load_external_data=False)))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     constants = dict(initializers)
@@ -234,6 +234,20 @@ def read_onnx(path: Path) -> Graph:
                  source_format="onnx")
 
 
+def _batch_of_one(model):
+    """Fix every symbolic input dimension (a dynamic batch, mostly) to 1, so shape inference
+    can carry concrete sizes through Shape → Gather → Concat → Reshape chains: counts are per
+    sample. The loaded proto is the analyser's own copy; the file is not changed."""
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_value <= 0:
+                dim.dim_value = 1  # setting the value clears dim_param (a oneof)
+    return model
+
+
 def _infer_shapes(model):
     """ONNX shape inference, carried through the onnxruntime contrib operators of a QOperator
     model (QLinearAdd, QGemm, ...), which it does not know and stops at: each such output whose
@@ -253,8 +267,11 @@ def _infer_shapes(model):
         shapes |= {init.name: list(init.dims) for init in graph.initializer}
         added = []
         for node in graph.node:
+            # Only contrib operators need this; a standard node may have no input at all (Constant).
+            if node.domain != "com.microsoft" or not node.input or node.output[0] in known:
+                continue
             data = node.input[2 if node.op_type == "QLinearConcat" else 0]  # the first activation input
-            if node.domain != "com.microsoft" or node.output[0] in known or data not in known:
+            if data not in known:
                 continue
             shape = _contrib_output_shape(node, shapes)
             if shape is not None:
@@ -362,6 +379,12 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         k = a_shape[-1] if a_shape else 0
         if op_type == "Gemm" and attrs.get("transA", 0) and len(a_shape) >= 2:
             k = a_shape[-2]
+        if not k and op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in constants:
+            # Shape inference could not follow the input (e.g. a Reshape fed by shape ops it
+            # does not propagate): the weight's reduction axis is the input's last one.
+            b_dims = list(constants[node.input[1]].dims)
+            if len(b_dims) >= 2:
+                k = b_dims[-1] if op_type == "Gemm" and attrs.get("transB", 0) else b_dims[-2]
         op.macs = _prod(out_shape) * k
     elif op_type in _ONNX_POOL:
         op.kind = "pool"

@@ -32,7 +32,9 @@ def check_onnx_file(path: Path, label: str) -> onnx.ModelProto:
     if external:
         raise UnsafeModelError(
             f"{label} keeps {len(external)} tensor(s) in external data files ({', '.join(external[:3])}); "
-            "save it as one file: onnx.save_model(model, path, save_as_external_data=False)")
+            "export it as one file (torch.onnx.export(..., external_data=False), which the dynamo "
+            "exporter does not do by default) or re-save it: onnx.save_model(onnx.load(path), path, "
+            "save_as_external_data=False)")
     custom = sorted({node.domain for node in _all_nodes(model.graph)} - RUNTIME_DOMAINS)
     if custom:
         raise InvalidInputError(

@@ -1,0 +1,123 @@
+"""ONNX files as torch.onnx.export writes them by default — legacy exporter with Constant,
+Shape/Gather/Concat/Reshape nodes and a dynamic batch axis, and the dynamo exporter — are
+analysed and run through the post-training techniques; every result re-runs in onnxruntime."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from optimization.backends import pytorch as backend  # noqa: E402
+from optimization.base import TechniqueConfig  # noqa: E402
+from optimization.datasets import load_digits_preset  # noqa: E402
+from optimization.evaluator import accuracy  # noqa: E402
+from optimization.graph import load_graph  # noqa: E402
+
+
+class ViewCNN(torch.nn.Module):
+    """Flattens with x.view(x.size(0), -1), which the legacy exporter writes as
+    Shape → Gather → Unsqueeze → Concat → Reshape with Constant nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_digits_preset(tmp_path_factory.mktemp("preset"), "NCHW")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    net = ViewCNN()
+    backend.train(net, digits, 4, 3e-3, lambda *args: None, (0.0, 1.0), seed=0)
+    return net.eval()
+
+
+def export(net, path, exporter: str, opset: int):
+    sample = torch.zeros(1, 1, 8, 8)
+    if exporter == "dynamo":
+        # external_data=False: one self-contained file, as the upload asks (torch's default
+        # for the dynamo exporter writes the weights to a second file).
+        torch.onnx.export(net, (sample,), str(path), dynamo=True, opset_version=opset, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", max=1024)}})
+    else:
+        torch.onnx.export(net, (sample,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+EXPORTS = [("legacy", 13), ("legacy", 17), ("dynamo", 18)]
+
+
+@pytest.fixture(scope="module", params=EXPORTS, ids=[f"{e}-opset{o}" for e, o in EXPORTS])
+def exported(request, trained, tmp_path_factory):
+    exporter, opset = request.param
+    path = export(trained, tmp_path_factory.mktemp("onnx") / f"{exporter}{opset}.onnx", exporter, opset)
+    return exporter, path
+
+
+def test_legacy_exports_really_have_constant_nodes_and_a_dynamic_batch(exported):
+    exporter, path = exported
+    model = onnx.load(str(path))
+
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 0  # symbolic
+    if exporter == "legacy":
+        assert {"Constant", "Shape", "Reshape"} <= {node.op_type for node in model.graph.node}
+
+
+def test_the_graph_of_an_export_counts_the_same_params_and_macs_as_pytorch(exported, trained):
+    _, path = exported
+    graph = load_graph(path)
+    params, macs = backend.count_params_macs(trained, (1, 8, 8))
+
+    assert graph.input_shape == [1, 1, 8, 8]
+    assert graph.params == pytest.approx(params, rel=0.02)
+    assert graph.macs == pytest.approx(macs, rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["ptq_int8", "ptq_int4"])
+def test_post_training_techniques_run_on_the_export_within_a_point(exported, digits, name, tmp_path):
+    _, path = exported
+    model = backend.BACKEND.load(path)
+    fp32 = accuracy(backend.BACKEND, path, digits.x_test, digits.y_test)
+
+    technique = importlib.import_module(f"optimization.techniques.pytorch.{name}").Technique()
+    result = technique.optimize(model, TechniqueConfig(output_dir=tmp_path), digits, lambda *args: None)
+
+    optimized = accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test)
+    assert fp32 > 0.8
+    assert optimized >= fp32 - 0.01
+    assert np.isfinite(optimized)
+
+
+def test_the_upload_check_accepts_each_export(exported):
+    from optimization.safety.onnx_check import check_onnx_file
+
+    _, path = exported
+    check_onnx_file(path, "model.onnx")
+
+
+def test_the_upload_check_refuses_a_dynamo_export_with_its_weights_in_a_second_file(trained, tmp_path):
+    from optimization.base import UnsafeModelError
+    from optimization.safety.onnx_check import check_onnx_file
+
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(trained, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=True)  # torch's default
+    assert (tmp_path / "model.onnx.data").exists()
+
+    with pytest.raises(UnsafeModelError, match="external_data=False"):
+        check_onnx_file(path, "model.onnx")
