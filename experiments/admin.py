@@ -1,5 +1,8 @@
 from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
 
+from . import services
 from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile, OptimizationRun, Recommendation
 
 
@@ -24,13 +27,36 @@ class ModelFileInline(admin.TabularInline):
 @admin.register(Experiment)
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "framework", "target_device", "dataset", "goal", "status", "attempts",
-                    "created_at", "finished_at")
+                    "created_at", "finished_at", "results_link")
     list_filter = ("status", "framework", "target_device", "goal")
     search_fields = ("name", "dataset", "error")
     readonly_fields = ("status", "stop_requested", "attempts", "error", "baseline", "analysis",
                        "created_at", "started_at", "finished_at")
     inlines = [OptimizationRunInline, ModelFileInline]
     actions = ["stop_experiments"]
+
+    @admin.display(description="results")
+    def results_link(self, experiment):
+        return format_html('<a href="{}">results</a>', reverse("experiments:results", args=[experiment.pk]))
+
+    def has_delete_permission(self, request, obj=None):
+        # A queued or running experiment is the worker's: stop it first (the Stop action).
+        if obj is not None and obj.is_active:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request, obj):
+        """The same delete as the API's: stored files go with the rows."""
+        services.delete_experiment(obj)
+
+    def delete_queryset(self, request, queryset):
+        active = [e for e in queryset if e.is_active]
+        if active:
+            self.message_user(request, f"{len(active)} selected experiment(s) are queued or running and were "
+                                       "kept; stop them first", messages.WARNING)
+        for experiment in queryset:
+            if not experiment.is_active:
+                services.delete_experiment(experiment)
 
     @admin.action(description="Stop the selected queued or running experiments")
     def stop_experiments(self, request, queryset):

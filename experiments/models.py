@@ -148,7 +148,8 @@ class Experiment(models.Model):
 
         for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
             stored.delete_with_file()
-        storage.remove_tree(storage.optimized_dir(self.pk))
+        # Left-overs of the last run are overwritten by the next one anyway.
+        storage.remove_tree(storage.optimized_dir(self.pk), ignore_errors=True)
         self._move(
             self.STARTABLE, self.Status.QUEUED, "start",
             progress={

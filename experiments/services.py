@@ -315,11 +315,18 @@ def stop_experiment(experiment: Experiment) -> str:
 def delete_experiment(experiment: Experiment) -> None:
     if experiment.is_active:
         raise ServiceError(f"the experiment is {experiment.status}; stop it before deleting it", 409)
-    with transaction.atomic():
+    # Files first: if storage refuses, the rows stay and say what is still stored, rather than
+    # files nobody records.
+    try:
         for stored in experiment.files.all():
-            stored.delete_with_file()
+            if stored.role != ModelFile.Role.PRETRAINED:  # shared: only the row goes
+                storage.remove_file(stored.path)
         storage.remove_tree(storage.optimized_dir(experiment.pk))
-        experiment.delete()
+    except OSError as exc:
+        raise ServiceError(
+            f"the stored files of experiment {experiment.pk} could not be removed ({exc.strerror or exc}); "
+            "the experiment is kept, try again once the storage is writable", 503) from None
+    experiment.delete()  # its runs, files, progress and recommendation rows cascade
 
 
 def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experiment:

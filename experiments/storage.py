@@ -110,7 +110,8 @@ def remove_file(relative_path: str) -> None:
         path.parent.rmdir()
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a folder under the storage root; an OSError is raised unless `ignore_errors`."""
     path = resolve(path)
-    if path != root():
-        shutil.rmtree(path, ignore_errors=True)
+    if path != root() and path.exists():
+        shutil.rmtree(path, ignore_errors=ignore_errors)

@@ -35,3 +35,42 @@ def test_admin_action_stops_running_experiments(admin_client, ready_experiment):
 
 def test_admin_requires_login(client):
     assert client.get("/admin/experiments/experiment/").status_code == 302
+
+
+def test_admin_cannot_delete_a_running_experiment(admin_client, ready_experiment):
+    ready_experiment.enqueue()
+    ready_experiment.mark_running()
+
+    page = admin_client.get(f"/admin/experiments/experiment/{ready_experiment.pk}/delete/")
+    admin_client.post("/admin/experiments/experiment/", {
+        "action": "delete_selected", "_selected_action": [ready_experiment.pk], "post": "yes"})
+
+    assert page.status_code == 403
+    assert Experiment.objects.filter(pk=ready_experiment.pk).exists()
+
+
+def test_admin_delete_removes_the_stored_files_like_the_api(admin_client, finished_experiment, storage_root):
+    output = storage_root / "models" / "optimized" / str(finished_experiment.pk)
+    assert (output / "ptq_int8.onnx").exists()
+
+    response = admin_client.post(f"/admin/experiments/experiment/{finished_experiment.pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not Experiment.objects.filter(pk=finished_experiment.pk).exists()
+    assert not output.exists()
+
+
+def test_admin_bulk_delete_removes_the_stored_files(admin_client, finished_experiment, storage_root):
+    output = storage_root / "models" / "optimized" / str(finished_experiment.pk)
+
+    admin_client.post("/admin/experiments/experiment/", {
+        "action": "delete_selected", "_selected_action": [finished_experiment.pk], "post": "yes"})
+
+    assert not Experiment.objects.filter(pk=finished_experiment.pk).exists()
+    assert not output.exists()
+
+
+def test_admin_list_links_each_experiment_to_its_results_page(admin_client, finished_experiment):
+    page = admin_client.get("/admin/experiments/experiment/").content.decode()
+
+    assert f'href="/experiments/{finished_experiment.pk}/results/"' in page

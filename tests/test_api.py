@@ -377,3 +377,19 @@ def test_delete_while_running_returns_409(anonymous, ready_experiment):
 
     assert response.status_code == 409
     assert Experiment.objects.filter(pk=ready_experiment.pk).exists()
+
+
+def test_delete_when_storage_refuses_answers_503_and_keeps_the_rows(anonymous, finished_experiment, monkeypatch):
+    from experiments import storage
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(storage, "remove_tree", refuse)
+
+    response = anonymous.delete(f"/api/experiments/{finished_experiment.pk}")
+
+    assert response.status_code == 503
+    assert "kept" in response.json()["error"] and "/" not in response.json()["error"].split("(")[1].split(")")[0]
+    assert Experiment.objects.filter(pk=finished_experiment.pk).exists()
+    assert OptimizationRun.objects.filter(experiment=finished_experiment).exists()
