@@ -7,9 +7,9 @@ by extension, size, magic bytes and the engine's static (stdlib / h5py) checks.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import uuid
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -49,6 +49,16 @@ class ServiceError(Exception):
     def __init__(self, message: str, status: int = 400, field: str | None = None):
         super().__init__(message)
         self.message, self.status, self.field = message, status, field
+
+
+@contextmanager
+def storage_failures_as_service_errors():
+    """Storage's write and removal errors (full: 507, read-only or denied: 503) reach the
+    API and the pages as ServiceError, with storage's path-free message."""
+    try:
+        yield
+    except storage.StorageWriteError as exc:
+        raise ServiceError(exc.message, exc.status) from None
 
 
 def visible_experiments(user):
@@ -101,15 +111,17 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
             f"{settings.EDGEOPT_MAX_UPLOAD_MB} MB", status=413, field="file")
     options = _model_options(suffix, input_shape, architecture) if kind == "model" else {}
 
-    handle, name = tempfile.mkstemp(suffix=suffix, prefix="upload-", dir=storage.temp_dir())
-    temp_path = Path(name)
+    digest = hashlib.sha256()
+
+    def hashed_chunks():
+        for chunk in uploaded.chunks(CHUNK):
+            digest.update(chunk)
+            yield chunk
+
+    with storage_failures_as_service_errors():
+        temp_path = storage.temp_dir() / f"upload-{uuid.uuid4().hex}{suffix}"
+        size = storage.atomic_write(temp_path, hashed_chunks(), action="save the upload")
     try:
-        digest, size = hashlib.sha256(), 0
-        with os.fdopen(handle, "wb") as out:
-            for chunk in uploaded.chunks(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
         if size == 0:
             raise ServiceError(f"{uploaded.name!r} is empty", field="file")
         _check_content(temp_path, suffix, kind, framework, uploaded.name)
@@ -222,29 +234,44 @@ def place_upload(experiment: Experiment, checked: CheckedUpload) -> ModelFile:
     else:
         final = storage.custom_dataset_path(experiment.framework, stem, checked.suffix)
         roles = (ModelFile.Role.DATASET,)
-    final.parent.mkdir(parents=True, exist_ok=True)
     relative = storage.relative(final)
-    with transaction.atomic():
+    with transaction.atomic(), storage_failures_as_service_errors():
         previous = list(experiment.files.filter(role__in=roles))
-        os.replace(checked.temp_path, final)
-        for stored in previous:
-            if stored.path == relative:
-                stored.delete()
-            else:
-                stored.delete_with_file()
-        stored = ModelFile.objects.create(
-            experiment=experiment,
-            role=ModelFile.Role.UPLOAD if checked.kind == "model" else ModelFile.Role.DATASET,
-            kind=ModelFile.Kind.SOURCE, format=checked.suffix.lstrip("."), path=relative,
-            size_bytes=checked.size_bytes, sha256=checked.sha256,
-        )
-        if checked.kind == "model":
-            experiment.config = {**experiment.config, **checked.options}
-            experiment.save(update_fields=["config"])
-            experiment.attach_model()
+        try:
+            storage.move_into_place(checked.temp_path, final, action="save the upload")
+        except storage.StorageWriteError:
+            checked.discard()
+            raise
+        try:
+            stored = _record_placed_upload(experiment, checked, relative, previous)
+        except BaseException:
+            # The rows roll back: the file just placed must not stay in storage unrecorded.
+            if relative not in {old.path for old in previous}:
+                storage.remove_file(relative)
+            raise
+    return stored
+
+
+def _record_placed_upload(experiment: Experiment, checked: CheckedUpload, relative: str,
+                          previous: list[ModelFile]) -> ModelFile:
+    for stored in previous:
+        if stored.path == relative:
+            stored.delete()
         else:
-            experiment.dataset = "custom"
-            experiment.save(update_fields=["dataset"])
+            stored.delete_with_file()
+    stored = ModelFile.objects.create(
+        experiment=experiment,
+        role=ModelFile.Role.UPLOAD if checked.kind == "model" else ModelFile.Role.DATASET,
+        kind=ModelFile.Kind.SOURCE, format=checked.suffix.lstrip("."), path=relative,
+        size_bytes=checked.size_bytes, sha256=checked.sha256,
+    )
+    if checked.kind == "model":
+        experiment.config = {**experiment.config, **checked.options}
+        experiment.save(update_fields=["config"])
+        experiment.attach_model()
+    else:
+        experiment.dataset = "custom"
+        experiment.save(update_fields=["dataset"])
     return stored
 
 
@@ -313,20 +340,17 @@ def stop_experiment(experiment: Experiment) -> str:
 
 
 def delete_experiment(experiment: Experiment) -> None:
+    """Remove the experiment's stored files, then its rows: the API's DELETE and the admin's
+    delete both come here. Each file's row goes only once the file is gone, so when storage
+    refuses a removal (503, or 507) the experiment and the rows of the files still there
+    are kept: nothing is left in storage without a row, and no row outlives its file."""
     if experiment.is_active:
         raise ServiceError(f"the experiment is {experiment.status}; stop it before deleting it", 409)
-    # Files first: if storage refuses, the rows stay and say what is still stored, rather than
-    # files nobody records.
-    try:
+    with storage_failures_as_service_errors():
         for stored in experiment.files.all():
-            if stored.role != ModelFile.Role.PRETRAINED:  # shared: only the row goes
-                storage.remove_file(stored.path)
+            stored.delete_with_file()
         storage.remove_tree(storage.optimized_dir(experiment.pk))
-    except OSError as exc:
-        raise ServiceError(
-            f"the stored files of experiment {experiment.pk} could not be removed ({exc.strerror or exc}); "
-            "the experiment is kept, try again once the storage is writable", 503) from None
-    experiment.delete()  # its runs, files, progress and recommendation rows cascade
+    experiment.delete()
 
 
 def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experiment:

@@ -8,8 +8,12 @@ Every path goes through `resolve`, which refuses anything that would leave the r
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from django.conf import settings
@@ -26,6 +30,30 @@ DATASET_SUFFIXES = (".npz", ".zip")
 
 class StorageError(ValueError):
     """A path would leave the storage root, or a name is not a plain file name."""
+
+
+# Errors that mean "no room": the client may retry after space is freed (HTTP 507).
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+FULL_STATUS, UNAVAILABLE_STATUS = 507, 503
+
+
+class StorageWriteError(Exception):
+    """The file system refused a write or a removal. `message` is for users and names no
+    absolute server path; `status` is 507 when storage is full, 503 otherwise (read-only,
+    permission denied, any other OSError)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, action: str) -> StorageWriteError:
+        if exc.errno in FULL_ERRNOS:
+            return cls(f"storage is full: could not {action}; free some space (or ask the "
+                       "administrator to) and try again", FULL_STATUS)
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        return cls(f"storage is unavailable: could not {action} ({reason}); try again later or "
+                   "ask the administrator to check the storage folder", UNAVAILABLE_STATUS)
 
 
 def root() -> Path:
@@ -102,16 +130,78 @@ def temp_dir() -> Path:
     return folder
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: the folder's entry, not only the file's bytes, reaches disk."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes], action: str = "save the file") -> int:
+    """Write `chunks` to `path` so that it either holds all of them or does not change: the
+    bytes go to a hidden temporary name in the same folder, are fsynced, then renamed over
+    `path`. On any OSError the partial file is removed and StorageWriteError (507 full /
+    503 otherwise) is raised. Returns the number of bytes written. Every file the web side
+    writes into storage goes through here (or `move_into_place` for one already written)."""
+    path = resolve(path)
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        partial = Path(name)
+        size = 0
+        with os.fdopen(handle, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+        partial = None
+        _fsync_folder(path.parent)
+        return size
+    except OSError as exc:
+        raise StorageWriteError.from_os_error(exc, action) from None
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+
+
+def move_into_place(source: Path, destination: Path, action: str = "save the file") -> None:
+    """Rename a file that `atomic_write` already wrote (and fsynced) to its final name; the
+    rename is atomic because both lie under the root, on one file system."""
+    destination = resolve(destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(resolve(source), destination)
+        _fsync_folder(destination.parent)
+    except OSError as exc:
+        raise StorageWriteError.from_os_error(exc, action) from None
+
+
 def remove_file(relative_path: str) -> None:
+    """Remove a stored file (gone already is fine); StorageWriteError when it cannot be."""
     path = resolve(relative_path)
-    path.unlink(missing_ok=True)
-    # An uploaded dataset has a folder of its own (dataset/custom/{framework}/{stem}/).
-    if Path(relative_path).parts[:2] == ("dataset", "custom") and path.parent.is_dir() and not any(path.parent.iterdir()):
-        path.parent.rmdir()
+    try:
+        path.unlink(missing_ok=True)
+        # An uploaded dataset has a folder of its own (dataset/custom/{framework}/{stem}/).
+        if (Path(relative_path).parts[:2] == ("dataset", "custom") and path.parent.is_dir()
+                and not any(path.parent.iterdir())):
+            path.parent.rmdir()
+    except OSError as exc:
+        raise StorageWriteError.from_os_error(exc, f"remove {relative_path}") from None
 
 
 def remove_tree(path: Path, ignore_errors: bool = False) -> None:
-    """Remove a folder under the storage root; an OSError is raised unless `ignore_errors`."""
+    """Remove a folder and everything in it (gone already is fine); StorageWriteError when
+    anything in it cannot be removed, unless `ignore_errors`."""
     path = resolve(path)
-    if path != root() and path.exists():
-        shutil.rmtree(path, ignore_errors=ignore_errors)
+    if path == root() or not path.exists():
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        if not ignore_errors:
+            raise StorageWriteError.from_os_error(exc, f"remove {relative(path)}/") from None
