@@ -29,7 +29,7 @@ def give_existing_experiments_to_demo(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("experiments", "0001_initial"),
+        ("experiments", "0002_measurement_spread"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
