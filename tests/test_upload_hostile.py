@@ -12,7 +12,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from onnx import TensorProto, helper
 
 from experiments.models import ModelFile
-from tests.conftest import npz_bytes, zip_bytes
+from tests.conftest import npz_bytes, png_header_only, zip_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -144,3 +144,80 @@ def test_a_valid_onnx_file_is_accepted(anonymous, new_experiment):
 
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "ready"
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    """A real small image."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_folder(extra: dict[str, bytes] | None = None) -> bytes:
+    images = {f"{label}/{i}.png": png_bytes(8, 8) for label in ("cats", "dogs") for i in range(3)}
+    return zip_bytes({**images, **(extra or {})})
+
+
+def test_a_well_formed_image_folder_is_accepted(anonymous, ready_experiment):
+    response = upload(anonymous, ready_experiment, "images.zip", image_folder(), kind="dataset")
+
+    assert response.status_code == 200, response.content
+
+
+def test_an_image_declaring_a_hundred_megapixels_is_refused_by_name(anonymous, ready_experiment, storage_root):
+    bomb = image_folder({"dogs/huge.png": png_header_only(10_000, 10_000)})
+
+    response = upload(anonymous, ready_experiment, "images.zip", bomb, kind="dataset")
+
+    assert len(bomb) < 10_000
+    assert_refused(response, "'dogs/huge.png'", "10000x10000", "50 megapixels", storage_root=storage_root)
+
+
+def test_a_file_named_png_that_is_not_an_image_is_refused_by_name(anonymous, ready_experiment):
+    response = upload(anonymous, ready_experiment, "images.zip",
+                      image_folder({"cats/notes.png": b"just text"}), kind="dataset")
+
+    assert_refused(response, "'cats/notes.png'", "not a readable image")
+
+
+def test_images_that_decode_past_the_dataset_limit_are_refused(anonymous, ready_experiment, settings):
+    settings.EDGEOPT_MAX_DATASET_MB = 1
+    many = image_folder({f"cats/big{i}.png": png_header_only(1000, 1000) for i in range(2)})
+
+    response = upload(anonymous, ready_experiment, "images.zip", many, kind="dataset")
+
+    assert_refused(response, "decodes to 2 MiB", "EDGEOPT_MAX_DATASET_MB")
+
+
+def test_npz_samples_of_another_shape_than_the_model_takes_are_refused_with_the_layout(
+        anonymous, new_experiment):
+    experiment = new_experiment(config={"input_shape": [1, 8, 8]})
+    channels_last = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.arange(4))
+
+    response = upload(anonymous, experiment, "data.npz", channels_last, kind="dataset")
+
+    assert_refused(response, "(8, 8, 1)", "takes (1, 8, 8)", "channels first", "(4, 1, 8, 8)")
+
+
+def test_npz_samples_of_the_model_shape_are_accepted(anonymous, new_experiment):
+    experiment = new_experiment(config={"input_shape": [1, 8, 8]})
+    channels_first = npz_arrays(x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+
+    assert upload(anonymous, experiment, "data.npz", channels_first, kind="dataset").status_code == 200
+
+
+def test_npz_whose_train_and_test_samples_differ_in_shape_is_refused(anonymous, ready_experiment):
+    split = npz_arrays(x_train=np.zeros((4, 1, 8, 8), np.float32), y_train=np.arange(4),
+                       x_test=np.zeros((2, 1, 9, 9), np.float32), y_test=np.arange(2))
+
+    response = upload(anonymous, ready_experiment, "data.npz", split, kind="dataset")
+
+    assert_refused(response, "x_train and x_test", "(1, 8, 8)", "(1, 9, 9)")
+
+
+def test_npz_with_fractional_labels_is_refused(anonymous, ready_experiment):
+    fractional = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.linspace(0, 1, 4))
+
+    assert_refused(upload(anonymous, ready_experiment, "data.npz", fractional, kind="dataset"), "integer class")
