@@ -221,3 +221,22 @@ def test_npz_with_fractional_labels_is_refused(anonymous, ready_experiment):
     fractional = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.linspace(0, 1, 4))
 
     assert_refused(upload(anonymous, ready_experiment, "data.npz", fractional, kind="dataset"), "integer class")
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
+def test_a_form_with_too_many_fields_answers_400_json(anonymous, new_experiment, settings, debug):
+    settings.DEBUG, settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = debug, 10
+    fields = {f"field{i}": "x" for i in range(20)}
+
+    response = upload(anonymous, new_experiment(), "model.onnx", onnx_bytes(), **fields)
+
+    assert_refused(response, "more than 10 fields", "input_shape")
+
+
+def test_a_form_with_too_many_files_answers_400_json(anonymous, new_experiment, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 3
+    files = [SimpleUploadedFile(f"m{i}.onnx", onnx_bytes()) for i in range(5)]
+
+    response = anonymous.post(f"/api/experiments/{new_experiment().pk}/upload", {"file": files})
+
+    assert_refused(response, "more than 3 files", "one file")
