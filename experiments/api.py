@@ -53,14 +53,14 @@ def api_view(*methods: str):
                 response = error(str(exc), 401)
                 response["WWW-Authenticate"] = "Bearer"
                 return response
-            if not by_token and (reason := auth.csrf_failure(request)):
-                return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
-                             "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
-            try:
+            try:  # the CSRF check is the first to parse a form
+                if not by_token and (reason := auth.csrf_failure(request)):
+                    return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
+                                 "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
                 return view(request, *args, **kwargs)
             except services.ServiceError as exc:
                 return error(exc.message, exc.status)
-            except FORM_LIMIT_ERRORS as exc:  # here too: with DEBUG on, Django's handler is a debug page
+            except FORM_LIMIT_ERRORS as exc:  # here, not only in handler400: with DEBUG on that is a debug page
                 return bad_request(request, exc)
 
         return wrapper

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from onnx import TensorProto, helper
 
 from experiments.models import ModelFile
@@ -224,11 +225,14 @@ def test_npz_with_fractional_labels_is_refused(client, ready_experiment):
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
-def test_a_form_with_too_many_fields_answers_400_json(client, new_experiment, settings, debug):
+def test_a_form_with_too_many_fields_answers_400_json(owner, new_experiment, settings, debug):
     settings.DEBUG, settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = debug, 10
+    browser = Client(enforce_csrf_checks=True)  # the CSRF check parses the form first
+    browser.force_login(owner)
+    browser.get("/")  # the page sets the CSRF cookie
     fields = {f"field{i}": "x" for i in range(20)}
 
-    response = upload(client, new_experiment(), "model.onnx", onnx_bytes(), **fields)
+    response = upload(browser, new_experiment(), "model.onnx", onnx_bytes(), **fields)
 
     assert_refused(response, "more than 10 fields", "input_shape")
 
