@@ -239,6 +239,8 @@ def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_
             raise InvalidInputError(
                 f"{label} was written by torch.save, not torch.jit.save: upload a state_dict as .pth with "
                 "its architecture, or save the model with torch.jit.save (.pt) or torch.export (.pt2)")
+        if kind != "torchscript":
+            raise InvalidInputError(f"{label} is not a TorchScript archive: save the model with torch.jit.save")
         if not known_shape:
             raise ServiceError(
                 f"{label} is TorchScript, which does not record its input shape: give input_shape, one "

@@ -90,7 +90,8 @@ def state_dict_shapes(path: Path, label: str) -> dict[str, tuple[int, ...]]:
                 member = next((m for m in archive.infolist()
                                if PurePosixPath(m.filename).parts[1:] == ("data.pkl",)), None)
                 if member is None or member.file_size > MAX_PICKLE_BYTES:
-                    raise InvalidInputError(f"{label} is not a torch.save file: it has no data.pkl of a readable size")
+                    raise InvalidInputError(f"{label} is not a torch.save file (no data.pkl of a readable size); "
+                                            "save model.state_dict() with torch.save")
                 state = _ShapeUnpickler(io.BytesIO(archive.read(member)), label).load()
         else:
             with open(path, "rb") as handle:
@@ -101,7 +102,8 @@ def state_dict_shapes(path: Path, label: str) -> dict[str, tuple[int, ...]]:
     except (UnsafeModelError, InvalidInputError):
         raise
     except Exception as error:  # a malformed pickle raises any of several errors
-        raise InvalidInputError(f"{label} is not a readable torch.save file ({type(error).__name__})") from None
+        raise InvalidInputError(f"{label} is not a readable torch.save file ({type(error).__name__}); "
+                                "save model.state_dict() with torch.save") from None
     if not (isinstance(state, dict) and state and all(
             isinstance(k, str) and isinstance(v, tuple) for k, v in state.items())):
         raise InvalidInputError(
