@@ -11,6 +11,8 @@ import math
 from functools import wraps
 
 from django import forms
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.http import FileResponse, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -51,13 +53,15 @@ def api_view(*methods: str):
                 response = error(str(exc), 401)
                 response["WWW-Authenticate"] = "Bearer"
                 return response
-            if not by_token and (reason := auth.csrf_failure(request)):
-                return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
-                             "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
-            try:
+            try:  # the CSRF check is the first to parse a form
+                if not by_token and (reason := auth.csrf_failure(request)):
+                    return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
+                                 "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
                 return view(request, *args, **kwargs)
             except services.ServiceError as exc:
                 return error(exc.message, exc.status)
+            except FORM_LIMIT_ERRORS as exc:  # here, not only in handler400: with DEBUG on that is a debug page
+                return bad_request(request, exc)
 
         return wrapper
 
@@ -127,6 +131,29 @@ def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
     if experiment is None:
         raise services.ServiceError(f"experiment {experiment_id} does not exist", 404)
     return experiment
+
+
+FORM_LIMIT_ERRORS = (TooManyFieldsSent, TooManyFilesSent, RequestDataTooBig)
+
+
+def bad_request(request, exception=None):
+    """handler400: JSON under /api/, Django's page elsewhere. Django raises the form limit
+    errors wherever the body is first parsed (the CSRF check or the view)."""
+    if not request.path.startswith("/api/"):
+        from django.views.defaults import bad_request as bad_request_page
+
+        return bad_request_page(request, exception)
+    if isinstance(exception, TooManyFieldsSent):
+        return error(f"the form has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} fields; an upload sends "
+                     "file and, at most, kind, input_shape and architecture")
+    if isinstance(exception, TooManyFilesSent):
+        return error(f"the form has more than {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files; send one file "
+                     "per upload")
+    if isinstance(exception, RequestDataTooBig):
+        return error(f"the form fields are larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes; send the "
+                     "model or dataset as the file field", 413)
+    return error("the request could not be read; send JSON (application/json) or, for an upload, "
+                 "multipart/form-data")
 
 
 def not_found(request, exception=None):

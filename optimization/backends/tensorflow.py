@@ -29,6 +29,7 @@ from optimization.base import (
     ProgressFn,
     TechniqueConfig,
 )
+from optimization.atomic import atomic_output
 from optimization.evaluator import steady_latency_ms
 from optimization.safety.archives import safe_extract_zip
 from optimization.safety.keras_check import check_keras_file
@@ -170,7 +171,8 @@ def _savedmodel_root(extract_dir: Path) -> Path:
 def save_keras(model, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    with atomic_output(path) as partial:
+        model.save(partial)
     return path
 
 
@@ -237,7 +239,8 @@ def compact_tensor_names(content: bytes) -> bytes:
 def write_bytes(content: bytes, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
+    with atomic_output(path) as partial:
+        partial.write_bytes(content)
     return path
 
 
