@@ -28,7 +28,7 @@ class ModelFileInline(admin.TabularInline):
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "framework", "target_device", "dataset", "goal", "status", "attempts",
                     "created_at", "finished_at", "results_link")
-    list_filter = ("status", "framework", "target_device", "goal")
+    list_filter = ("status", "framework", "target_device", "goal", "plan")
     search_fields = ("name", "dataset", "error")
     readonly_fields = ("status", "stop_requested", "attempts", "error", "baseline", "analysis",
                        "created_at", "started_at", "finished_at")

@@ -16,8 +16,9 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 from django.db import transaction
 
+from optimization import catalog
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
-from optimization.datasets import IMAGE_SUFFIXES
+from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
 from optimization.safety.archives import check_zip_archive
 
 from . import storage
@@ -90,7 +91,7 @@ class CheckedUpload:
 
 
 def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
-    return storage.MODEL_SUFFIXES[framework] if kind == "model" else storage.DATASET_SUFFIXES
+    return MODEL_SUFFIXES[framework] if kind == "model" else DATASET_SUFFIXES
 
 
 def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
@@ -306,6 +307,8 @@ def create_experiment(data: dict) -> Experiment:
         constraints=data.get("constraints") or {},
         techniques=data.get("techniques") or list(TECHNIQUES),
         config=data.get("config") or {},
+        plan=data.get("plan") or catalog.API_DEFAULT_PLAN,
+        time_budget_s=data.get("time_budget_s"),
     )
     ExperimentProgress.objects.create(
         experiment=experiment, status=experiment.status, technique_count=len(experiment.techniques)

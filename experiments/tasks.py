@@ -39,6 +39,8 @@ def build_spec(experiment: Experiment):
         techniques=list(experiment.techniques),
         output_dir=storage.optimized_dir(experiment.pk),
         config={"seed": 0, **experiment.config},
+        plan=experiment.plan,
+        time_budget_s=experiment.time_budget_s,
     )
 
 
