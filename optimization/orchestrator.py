@@ -20,8 +20,9 @@ estimate_time), and a technique is skipped, as a `skipped` row saying why, when
  - a finished run already meets every constraint and the technique's best case would not be
    strictly better on the goal (size, device latency or energy; accuracy at best 100%;
    balanced: the product of its best size and latency factors with no accuracy loss).
-With a `time_budget_s` (either plan), no technique starts whose estimate exceeds the time
-left; so the experiment ends within the budget plus at most one estimate's error.
+With a `time_budget_s` (either plan), no technique starts whose estimate, scaled by this run's
+pace so far (wall time over estimate of the techniques already run), exceeds the time left; so
+the experiment ends within the budget plus at most one technique's error against its estimate.
 Plan "all" runs every technique in the order given.
 """
 from __future__ import annotations
@@ -73,6 +74,44 @@ class ExperimentSink(Protocol):
     def recommendation(self, rec: dict) -> None: ...
     def should_stop(self) -> bool: ...
     def completed_runs(self) -> dict[str, dict]: ...
+
+
+class RecordingSink:
+    """An ExperimentSink that keeps everything in memory: for scripts (bench/), tests and any
+    caller without a database. `runs` holds each finished run by technique."""
+
+    def __init__(self, completed: dict[str, dict] | None = None):
+        self.runs: dict[str, dict] = {}
+        self.order: list[str] = []  # techniques in the order they were started
+        self.baseline_metrics: dict = {}
+        self.analysis_result: dict = {}
+        self.recommended: dict | None = None
+        self.last_progress: dict = {}
+        self._completed = dict(completed or {})
+
+    def progress(self, state: dict) -> None:
+        self.last_progress = state
+
+    def analysis(self, analysis: dict) -> None:
+        self.analysis_result = analysis
+
+    def baseline(self, metrics: dict) -> None:
+        self.baseline_metrics = metrics
+
+    def run_started(self, technique: str) -> None:
+        self.order.append(technique)
+
+    def run_finished(self, technique: str, run: dict) -> None:
+        self.runs[technique] = run
+
+    def recommendation(self, rec: dict) -> None:
+        self.recommended = rec
+
+    def should_stop(self) -> bool:
+        return False
+
+    def completed_runs(self) -> dict[str, dict]:
+        return self._completed
 
 
 class ProgressTracker:
@@ -231,10 +270,12 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
 
     # Step 3: the techniques, one after another.
     status = "completed"
+    spent, estimated = 0.0, 0.0  # of the techniques run so far: the pace of this machine
     for index, name in enumerate(todo, start=1):
         tracker.begin(index)
         sink.run_started(name)
-        reason = _over_budget(estimates[name], spec.time_budget_s, time.monotonic() - started)
+        pace = spent / estimated if estimated else 1.0
+        reason = _over_budget(estimates[name] * pace, spec.time_budget_s, time.monotonic() - started)
         if reason is None and spec.plan == "budget":
             reason = cannot_win(name, options[name], baseline, finished, spec.goal, spec.constraints)
         if reason is not None:
@@ -244,6 +285,7 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
             run = _run_technique(techniques[name], model, configs[name], dataset, tracker, backend,
                                  baseline, spec)
             run["details"]["estimated_s"] = round(estimates[name], 1)
+            spent, estimated = spent + run["details"]["wall_time_s"], estimated + estimates[name]
         sink.run_finished(name, run)
         finished[name] = run
         if run["status"] == "stopped":
@@ -302,8 +344,8 @@ def _over_budget(estimate: float, budget: float | None, elapsed: float) -> str |
     left = budget - elapsed
     if estimate <= left:
         return None
-    return (f"not started: its estimate ({estimate:.0f} s) does not fit the {max(left, 0):.0f} s left "
-            f"of the {budget:g} s time budget")
+    return (f"not started: its estimate ({estimate:.0f} s at this run's pace) does not fit the "
+            f"{max(left, 0):.0f} s left of the {budget:g} s time budget")
 
 
 def _goal_values(size: float | None, latency: float | None, energy: float | None) -> dict:

@@ -31,6 +31,10 @@ def demo(tmp_path_factory, digits):
     return model, baseline
 
 
+# one fine-tuning epoch for the techniques that train (the others take no epochs)
+FAST = {name: {"epochs": 1} for name in TECHNIQUE_SPECS if TECHNIQUE_SPECS[name].fine_tunes}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits, demo):
     """Each technique runs once; tests read its result."""
@@ -41,7 +45,7 @@ def runs(tmp_path_factory, digits, demo):
         key = (name, tuple(sorted(options.items())))
         if key not in done:
             config = TechniqueConfig(output_dir=tmp_path_factory.mktemp(name),
-                                     options={"epochs": 1, **options})
+                                     options={**FAST.get(name, {}), **options})
             result = get_technique("tensorflow", name).optimize(model, config, digits, ignore_progress)
             done[key] = (result, litert_accuracy(result.artifacts["deploy"], digits))
         return done[key]
