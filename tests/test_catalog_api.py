@@ -21,8 +21,8 @@ def create(client, **changes):
     return post_json(client, "/api/experiments/create", {**DEMO_BODY, **changes})
 
 
-def test_catalog_lists_everything_the_setup_form_shows(anonymous):
-    body = anonymous.get("/api/catalog").json()
+def test_catalog_lists_everything_the_setup_form_shows(client):
+    body = client.get("/api/catalog").json()
     form = SetupForm()
 
     def names(items):
@@ -39,17 +39,17 @@ def test_catalog_lists_everything_the_setup_form_shows(anonymous):
     assert form.fields["plan"].initial == "budget"
 
 
-def test_catalog_for_one_framework_flattens_the_options(anonymous):
-    body = anonymous.get("/api/catalog?framework=tensorflow").json()
+def test_catalog_for_one_framework_flattens_the_options(client):
+    body = client.get("/api/catalog?framework=tensorflow").json()
     int4 = next(t for t in body["techniques"] if t["name"] == "ptq_int4")
     scheme = next(o for o in int4["options"] if o["name"] == "scheme")
     assert scheme["default"] == "w4a8" and scheme["choices"] == ["w4a8", "fc4_conv8", "all4"]
-    assert anonymous.get("/api/catalog?framework=caffe").status_code == 400
+    assert client.get("/api/catalog?framework=caffe").status_code == 400
 
 
 @pytest.mark.parametrize("framework", ["pytorch", "tensorflow"])
-def test_create_takes_options_by_their_catalog_names_in_both_frameworks(anonymous, framework):
-    response = create(anonymous, framework=framework,
+def test_create_takes_options_by_their_catalog_names_in_both_frameworks(client, framework):
+    response = create(client, framework=framework,
                       options={"prune_structured": {"pruning_ratio": 0.3}, "qat": {"epochs": 1}})
 
     assert response.status_code == 201, response.json()
@@ -67,32 +67,32 @@ def test_create_takes_options_by_their_catalog_names_in_both_frameworks(anonymou
     ({"qat": 3}, "options.qat must be an object"),
     ([1, 2], "options must map a technique"),
 ])
-def test_create_with_a_bad_option_returns_400_naming_what_is_allowed(anonymous, options, words):
-    response = create(anonymous, options=options)
+def test_create_with_a_bad_option_returns_400_naming_what_is_allowed(client, options, words):
+    response = create(client, options=options)
 
     assert response.status_code == 400
     assert words in response.json()["error"]
     assert not Experiment.objects.exists()
 
 
-def test_unknown_constraint_returns_400_naming_the_known_ones(anonymous):
-    response = create(anonymous, constraints={"max_power_w": 3})
+def test_unknown_constraint_returns_400_naming_the_known_ones(client):
+    response = create(client, constraints={"max_power_w": 3})
 
     assert response.status_code == 400
     assert all(name in response.json()["error"] for name in catalog.CONSTRAINT_NAMES)
 
 
-def test_energy_goal_and_constraint_are_taken(anonymous):
-    response = create(anonymous, goal="min_energy", constraints={"max_energy_mj": 5.0})
+def test_energy_goal_and_constraint_are_taken(client):
+    response = create(client, goal="min_energy", constraints={"max_energy_mj": 5.0})
 
     assert response.status_code == 201
     assert response.json()["constraints"] == {"max_energy_mj": 5.0}
 
 
-def test_plan_and_time_budget_are_stored_and_shown(anonymous):
-    body = create(anonymous, plan="budget", time_budget_s=1800).json()
+def test_plan_and_time_budget_are_stored_and_shown(client):
+    body = create(client, plan="budget", time_budget_s=1800).json()
     assert (body["plan"], body["time_budget_s"]) == ("budget", 1800)
-    assert create(anonymous).json()["plan"] == "all"  # the API's default, as API.md has it
+    assert create(client).json()["plan"] == "all"  # the API's default, as API.md has it
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -100,13 +100,13 @@ def test_plan_and_time_budget_are_stored_and_shown(anonymous):
     ({"time_budget_s": "1h"}, "time_budget_s must be a number"),
     ({"time_budget_s": 0}, "time_budget_s"),
 ])
-def test_a_bad_plan_or_budget_returns_400(anonymous, changes, words):
-    response = create(anonymous, **changes)
+def test_a_bad_plan_or_budget_returns_400(client, changes, words):
+    response = create(client, **changes)
     assert response.status_code == 400
     assert words in response.json()["error"]
 
 
-def test_the_setup_page_defaults_to_the_budget_plan(anonymous):
+def test_the_setup_page_defaults_to_the_budget_plan(client):
     form = SetupForm(data={"name": "x", "framework": "pytorch", "target_device": "rpi4", "dataset": "custom",
                            "goal": "min_size"})
     form.is_valid()
