@@ -67,6 +67,9 @@ def run_experiment(experiment_id: int) -> str:
     experiment.mark_running()
     error = ""
     try:
+        from optimization.worker import prepare_worker_process
+
+        prepare_worker_process()  # before the engine loads torch / TensorFlow
         from optimization.orchestrator import run_experiment as run_with_engine
 
         status = run_with_engine(build_spec(experiment), DjangoSink(experiment))
