@@ -23,15 +23,22 @@ estimate_time), and a technique is skipped, as a `skipped` row saying why, when
 With a `time_budget_s` (either plan), no technique starts whose estimate, scaled by this run's
 pace so far (wall time over estimate of the techniques already run), exceeds the time left; so
 the experiment ends within the budget plus at most one technique's error against its estimate.
-Plan "all" runs every technique in the order given.
+Plan "budget" also scales fine-tuning to the model and the data: an epoch sees at most
+max(MIN_TRAIN_SAMPLES, EPOCH_SAMPLE_MACS / MACs) training samples (a fixed random subset, so
+a large dataset or a large model costs about a minute an epoch on the 2-core dev machine),
+stated in each run's details as `training_subset`.
+Plan "all" runs every technique in the order given, on all the training data.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from optimization import catalog
 from optimization.base import ExperimentStopped, TechniqueConfig, TechniqueNotApplicable
@@ -46,6 +53,11 @@ logger = logging.getLogger(__name__)
 # Seconds counted for loading, exporting and measuring the baseline, for the overall bar.
 BASELINE_ESTIMATE_S = 5.0
 ESTIMATE_THREADS = 4
+# Plan "budget": training samples x forward MACs one epoch may cost (about a minute of
+# fine-tuning at the PyTorch cost model's 8e-11 s per MAC, forward and backward), never fewer
+# samples than MIN_TRAIN_SAMPLES. The digits demo (1,437 samples x 2.6 M MACs) is far below.
+EPOCH_SAMPLE_MACS = 2.5e11
+MIN_TRAIN_SAMPLES = 1000
 
 
 @dataclass
@@ -238,6 +250,10 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     # layers: kernels in the deploy file; per-step and conversion costs grow with their count
     model_info.update(params=analysis.get("params"), macs=analysis.get("macs"),
                       layers=len(analysis.get("layers") or []) or None)
+    training_subset = None
+    if spec.plan == "budget":
+        dataset, training_subset = _training_subset(dataset, analysis.get("macs"), int(config.get("seed", 0)))
+        model_info["train_samples"] = len(dataset.x_train)
     tracker(0.5, "measuring the baseline")
     baseline = evaluate(backend, baseline_deploy, dataset)
     baseline.update(params=analysis.get("params"), macs=analysis.get("macs"),
@@ -286,6 +302,8 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
             run = _run_technique(techniques[name], model, configs[name], dataset, tracker, backend,
                                  baseline, spec)
             run["details"]["estimated_s"] = round(estimates[name], 1)
+            if training_subset and catalog.TECHNIQUE_SPECS[name].fine_tunes:
+                run["details"]["training_subset"] = training_subset
             spent, estimated = spent + run["details"]["wall_time_s"], estimated + estimates[name]
         sink.run_finished(name, run)
         finished[name] = run
@@ -338,6 +356,18 @@ def _run_technique(technique, model, config, dataset, tracker, backend, baseline
 
 
 # ----------------------------------------------------------------------------- the planner
+
+def _training_subset(dataset, macs, seed: int):
+    """(dataset, what was done) with at most the samples an epoch may cost under plan "budget"."""
+    total = len(dataset.x_train)
+    cap = max(MIN_TRAIN_SAMPLES, int(EPOCH_SAMPLE_MACS / macs)) if macs else total
+    if total <= cap:
+        return dataset, None
+    chosen = np.sort(np.random.default_rng(seed).choice(total, cap, replace=False))
+    subset = dataclasses.replace(dataset, x_train=dataset.x_train[chosen], y_train=dataset.y_train[chosen])
+    return subset, (f"{cap} of {total} training samples (a fixed random subset): under plan budget an epoch "
+                    f"costs at most {EPOCH_SAMPLE_MACS:.2g} sample-MACs at {macs:.3g} MACs a sample")
+
 
 def _over_budget(estimate: float, budget: float | None, elapsed: float) -> str | None:
     if budget is None:

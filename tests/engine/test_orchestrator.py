@@ -375,3 +375,30 @@ def test_a_bad_option_fails_its_run_at_once_and_the_others_run(engine):
     runs = sink.runs()
     assert runs["qat"]["status"] == "failed" and "qat has no option keep_fraction" in runs["qat"]["error"]
     assert runs["ptq_int8"]["status"] == "completed"
+
+
+def test_budget_plan_fine_tunes_a_large_dataset_on_a_stated_subset(engine, monkeypatch):
+    make_spec, techniques = engine
+    seen = {}
+
+    class Recording(FakeTechnique):
+        def optimize(self, model, config, dataset, progress):
+            seen[self.name] = len(dataset.x_train)
+            return super().optimize(model, config, dataset, progress)
+
+    techniques["hybrid"] = Recording("hybrid")
+    techniques["ptq_int8"] = Recording("ptq_int8", size=900)
+    monkeypatch.setattr(orchestrator, "MIN_TRAIN_SAMPLES", 10)
+    monkeypatch.setattr(orchestrator, "EPOCH_SAMPLE_MACS", 5000)  # 50 samples at the fake's 100 MACs
+    spec = make_spec(["ptq_int8", "hybrid"])
+    spec.plan = "budget"
+    sink = ListSink()
+
+    orchestrator.run_experiment(spec, sink)
+
+    assert seen["hybrid"] == 50
+    assert sink.runs()["hybrid"]["details"]["training_subset"].startswith("50 of ")
+    assert "training_subset" not in sink.runs()["ptq_int8"]["details"]
+    spec.plan = "all"
+    orchestrator.run_experiment(spec, ListSink())
+    assert seen["hybrid"] > 50  # plan "all" trains on everything, as before
