@@ -395,8 +395,8 @@ def validate_all_options(framework: str, options_by_technique: dict | None) -> d
         raise OptionError('options must map a technique to its options, e.g. {"qat": {"epochs": 2}}')
     cleaned = {}
     for technique, options in (options_by_technique or {}).items():
-        validate_options(technique, framework, options)
-        cleaned[technique] = dict(options)
+        checked = validate_options(technique, framework, options)
+        cleaned[technique] = {name: checked[name] for name in options}
     return cleaned
 
 
