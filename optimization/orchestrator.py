@@ -389,6 +389,10 @@ CONSTRAINT_GOAL = {"max_size_mb": ("min_size", 2**20), "max_latency_ms": ("min_l
                    "max_energy_mj": ("min_energy", 1.0)}
 
 
+def _amount(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}" if unit == "bytes" else f"{value:.3g} {unit}"
+
+
 def cannot_win(name: str, options: dict, baseline: dict, runs: dict[str, dict], goal: str,
                constraints: dict) -> str | None:
     """Why technique `name` cannot beat the finished `runs` on the goal within the constraints,
@@ -430,8 +434,8 @@ def cannot_win(name: str, options: dict, baseline: dict, runs: dict[str, dict], 
         if bound[goal] < values[leader]:
             return None
         label, unit = GOAL_UNITS[goal]
-        return (f"cannot beat {leader} on {label}: {best_case.why}, so at best {bound[goal]:.4g} {unit}, "
-                f"and {leader} already has {values[leader]:.4g} {unit} within every constraint")
+        return (f"cannot beat {leader} on {label}: {best_case.why}, so at best {_amount(bound[goal], unit)}, "
+                f"and {leader} already has {_amount(values[leader], unit)} within every constraint")
     if goal == "max_accuracy":
         leader = max(passing, key=lambda t: passing[t].get("accuracy") or 0.0)
         if (passing[leader].get("accuracy") or 0.0) < 1.0:
