@@ -61,6 +61,7 @@ def run_experiment(experiment_id: int) -> str:
     if token is None:
         logger.info("experiment %s is %s and not this task's to run", experiment_id, experiment.status)
         return experiment.status
+    logger.info("claimed experiment %s (attempt %s)", experiment_id, experiment.attempts)
     ExperimentProgress.publish(experiment, status=Experiment.Status.RUNNING, message=STATUS_MESSAGES["running"])
     if experiment.attempts > settings.EDGEOPT_MAX_ATTEMPTS:
         attempts.finish(experiment, token, Experiment.Status.FAILED, attempts.gave_up_message(experiment.attempts - 1))
