@@ -6,8 +6,9 @@ worker process to finish its task. The workers never hear of it (the sentinel an
 keep SIGTERM's default action, so signalling them kills them outright). A running experiment
 would hold the stop for up to the task timeout, an hour.
 
-So the main process also sets `_stopping`, an Event it created before forking the sentinel
-and, through it, the workers. A running experiment's progress callback sees it
+So the main process also sets `_stopping`, a byte of shared memory it created before forking
+the sentinel and, through it, the workers (no lock: a worker killed while reading it must not
+leave the main process waiting for a lock forever). A running experiment's progress callback sees it
 (DjangoSink.should_stop), raises WorkerShuttingDown at that call, and the task hands the
 experiment back to the queue (attempts.hand_back); the worker then takes the sentinel's stop
 and the cluster exits within seconds. Under systemd use KillMode=mixed, so that only the main
@@ -21,7 +22,7 @@ import multiprocessing
 import sys
 
 logger = logging.getLogger(__name__)
-_stopping = None  # multiprocessing Event, created in the qcluster main process only
+_stopping = None  # shared byte, created in the qcluster main process only
 
 
 def is_qcluster_command(argv: list[str]) -> bool:
@@ -35,11 +36,11 @@ def prepare_qcluster() -> None:
     from django_q.cluster import Cluster
     from django_q.signals import post_spawn
 
-    _stopping = multiprocessing.get_context("fork").Event()
+    _stopping = multiprocessing.get_context("fork").RawValue("b", 0)
     stop_cluster = Cluster.sig_handler
 
     def sig_handler(cluster, signum, frame):
-        _stopping.set()
+        _stopping.value = 1
         stop_cluster(cluster, signum, frame)
 
     Cluster.sig_handler = sig_handler
@@ -48,7 +49,7 @@ def prepare_qcluster() -> None:
 
 def stopping() -> bool:
     """True in a worker whose qcluster was asked to stop."""
-    return _stopping is not None and _stopping.is_set()
+    return _stopping is not None and bool(_stopping.value)
 
 
 def reconcile_on_worker_start(sender, proc_name, **kwargs) -> None:

@@ -152,15 +152,18 @@ class Processes:
         self.running[name].wait()
 
     def stop_all(self) -> None:
+        """SIGTERM to each main process (a qcluster hands its run back and stops its children),
+        then SIGKILL to whatever is left of each group."""
         for process in self.running.values():
-            _signal_group(process, signal.SIGTERM)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         for process in self.running.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        time.sleep(0.5)  # let orphaned worker children see the signal before the database goes
+                pass
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
 
 
 @contextmanager

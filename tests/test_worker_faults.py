@@ -98,7 +98,7 @@ def test_after_kill_9_of_the_worker_a_new_qcluster_completes_the_run_keeping_fin
 
 def test_sigterm_stops_qcluster_within_10_s_and_a_new_worker_completes_the_run(live):
     stack = live()
-    experiment_id = start_demo(stack, qat_epochs=30)
+    experiment_id = start_demo(stack)
     wait_for(lambda: fine_tuning_under_way(experiment_id), 240, "qat under way", stack)
     kept = finished_run(experiment_id, "ptq_int8")
     qcluster = stack.processes.running["worker"]
