@@ -54,9 +54,10 @@ def stopping() -> bool:
 
 def reconcile_on_worker_start(sender, proc_name, **kwargs) -> None:
     """A qcluster (re)started: pick up what a dead worker left, without waiting for the schedule."""
-    from .reconciler import reconcile
+    from .reconciler import ensure_schedule, reconcile
 
     try:
+        ensure_schedule()
         reconcile()
     except Exception:  # never keep a worker from starting; the schedule tries again
         logger.exception("reconcile at worker start failed")

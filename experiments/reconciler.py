@@ -1,7 +1,8 @@
 """Finds experiments that no worker is running any more and gives them to the next one.
 
 Runs when a qcluster worker starts (experiments.cluster) and from a django-q2 schedule every
-minute (created by migration 0002_heartbeat). Any number of qclusters may run it at once:
+minute, the finest django-q2 schedules go (created by migration 0002_heartbeat, and again at
+start-up if it was deleted). Any number of qclusters may run it at once:
 each move is one conditional UPDATE (experiments.attempts), so two reconcilers never move
 the same experiment twice.
 
@@ -48,6 +49,15 @@ def reconcile() -> dict[str, list[int]]:
     if any(moved.values()):
         logger.warning("reconciler: %s", moved)
     return moved
+
+
+def ensure_schedule() -> None:
+    """The reconcile schedule, if it is missing (the migration creates it)."""
+    from django_q.models import Schedule
+
+    if not Schedule.objects.filter(name=attempts.RECONCILE_SCHEDULE).exists():
+        Schedule.objects.create(name=attempts.RECONCILE_SCHEDULE, func="experiments.reconciler.reconcile",
+                                schedule_type=Schedule.MINUTES, minutes=1, repeats=-1, next_run=timezone.now())
 
 
 def waiting_task_names() -> set[str]:
