@@ -1,4 +1,4 @@
-"""The admin lists the five tables and stops experiments."""
+"""The admin lists the five tables, stops experiments, keeps finished ones read-only and\ndeletes like the API."""
 from __future__ import annotations
 
 import pytest
@@ -74,3 +74,28 @@ def test_admin_list_links_each_experiment_to_its_results_page(admin_client, fini
     page = admin_client.get("/admin/experiments/experiment/").content.decode()
 
     assert f'href="/experiments/{finished_experiment.pk}/results/"' in page
+
+
+def test_admin_shows_a_finished_experiment_read_only(admin_client, finished_experiment):
+    url = f"/admin/experiments/experiment/{finished_experiment.pk}/change/"
+    page = admin_client.get(url).content.decode()
+
+    response = admin_client.post(url, {"name": "renamed", "framework": "pytorch", "target_device": "rpi4",
+                                       "dataset": "digits", "goal": "balanced"})
+
+    assert 'name="_save"' not in page
+    assert response.status_code == 403
+    assert Experiment.objects.get(pk=finished_experiment.pk).name == finished_experiment.name
+
+
+def test_admin_page_of_a_running_experiment_offers_stop_instead_of_edit_or_delete(admin_client, ready_experiment):
+    ready_experiment.enqueue()
+    ready_experiment.mark_running()
+    page = admin_client.get(f"/admin/experiments/experiment/{ready_experiment.pk}/change/").content.decode()
+    stop_url = f"/admin/experiments/experiment/{ready_experiment.pk}/stop/"
+
+    response = admin_client.post(stop_url)
+
+    assert stop_url in page and 'name="_save"' not in page and "/delete/" not in page
+    assert response.status_code == 302
+    assert Experiment.objects.get(pk=ready_experiment.pk).stop_requested
