@@ -1,7 +1,7 @@
 """Finds experiments that no worker is running any more and gives them to the next one.
 
 Runs when a qcluster worker starts (experiments.cluster) and from a django-q2 schedule every
-minute, the finest django-q2 schedules go (created by migration 0002_heartbeat, and again at
+minute, the finest django-q2 schedules go (created by migration 0004_heartbeat, and again at
 start-up if it was deleted). Any number of qclusters may run it at once:
 each move is one conditional UPDATE (experiments.attempts), so two reconcilers never move
 the same experiment twice.

@@ -103,4 +103,4 @@ def _run_engine(experiment: Experiment, sink: DjangoSink) -> tuple[str, str]:
         return status, ""
     except Exception as exc:
         logger.exception("experiment %s failed", experiment.pk)
-        return Experiment.Status.FAILED, f"{type(exc).__name__}: {exc}"
+        return Experiment.Status.FAILED, storage.public_error(f"{type(exc).__name__}: {exc}")

@@ -52,16 +52,20 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -
 
 
 class Stack:
-    def __init__(self, port: int, log_dir: Path):
+    """The running servers, and a script client of them: every request (HTTP and WebSocket)
+    carries `auth_headers`, the API token of a user made in the test database."""
+
+    def __init__(self, port: int, log_dir: Path, auth_headers: dict):
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.log_dir = log_dir
+        self.auth_headers = auth_headers
 
     def request(self, method: str, path: str, body: dict | None = None, files: dict | None = None):
         """(status, parsed JSON or raw bytes, headers)"""
-        data, headers = None, {}
+        data, headers = None, dict(self.auth_headers)
         if body is not None:
-            data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+            data, headers = json.dumps(body).encode(), {**headers, "Content-Type": "application/json"}
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -78,8 +82,8 @@ class Stack:
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
         parts.append(f"--{boundary}--\r\n".encode())
         req = urllib.request.Request(f"{self.base}/api/experiments/{experiment_id}/upload", data=b"".join(parts),
-                                     method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     method="POST", headers={**self.auth_headers,
+                                                             "Content-Type": f"multipart/form-data; boundary={boundary}"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, _decode(resp)
@@ -97,6 +101,12 @@ class Stack:
 
     def ws_url(self, experiment_id: int) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/experiments/{experiment_id}"
+
+    def websocket(self, experiment_id: int):
+        """A script's WebSocket to the experiment: the token in the Authorization header, no Origin."""
+        from websockets.sync.client import connect
+
+        return connect(self.ws_url(experiment_id), additional_headers=self.auth_headers)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
@@ -167,9 +177,10 @@ class Processes:
 
 
 @contextmanager
-def running_stack(storage_root: Path, log_dir: Path, workers: int = 1, **env: str):
+def running_stack(storage_root: Path, log_dir: Path, auth_headers: dict, workers: int = 1, **env: str):
     """Daphne + `workers` qclusters (named worker, worker2, ...) on the test database; all
-    stopped on exit. The Stack's `processes` starts, kills and restarts them."""
+    stopped on exit. The Stack's `processes` starts, kills and restarts them. `auth_headers`
+    (a token of a user in that database) go with every request the Stack makes."""
     port = free_port()
     processes = Processes(stack_env(storage_root, **env), log_dir)
     try:
@@ -177,7 +188,7 @@ def running_stack(storage_root: Path, log_dir: Path, workers: int = 1, **env: st
         for number in range(1, workers + 1):
             processes.start_worker("worker" if number == 1 else f"worker{number}")
         wait_for_port(port, web)
-        stack = Stack(port, log_dir)
+        stack = Stack(port, log_dir, auth_headers)
         stack.processes = processes
         yield stack
     finally:

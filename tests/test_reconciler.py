@@ -133,28 +133,28 @@ def test_a_task_fetched_by_a_stopping_qcluster_is_left_for_the_next_worker(monke
 
 
 def test_progress_says_the_worker_is_not_responding_once_the_heartbeat_is_stale(queued_experiment, settings,
-                                                                                 anonymous):
+                                                                                 client):
     attempts.claim(queued_experiment.pk)
     assert ExperimentProgress.objects.get(experiment=queued_experiment).worker_silent_s() is None
     silence(queued_experiment, settings, seconds_past_stale=30)
 
-    progress = anonymous.get(f"/api/experiments/{queued_experiment.pk}").json()["progress"]
-    page = anonymous.get(f"/experiments/{queued_experiment.pk}/").content.decode()
+    progress = client.get(f"/api/experiments/{queued_experiment.pk}").json()["progress"]
+    page = client.get(f"/experiments/{queued_experiment.pk}/").content.decode()
 
     assert progress["worker_silent_s"] >= settings.EDGEOPT_STALE_AFTER_S + 30
     assert "The worker is not responding" in page
 
 
-def test_a_queued_experiment_says_when_no_qcluster_runs_at_all(queued_experiment, anonymous):
+def test_a_queued_experiment_says_when_no_qcluster_runs_at_all(queued_experiment, client):
     from django_q.models import Schedule
 
     ensure_schedule()
     Schedule.objects.filter(name=attempts.RECONCILE_SCHEDULE).update(next_run=timezone.now() - timedelta(hours=1))
-    page = anonymous.get(f"/experiments/{queued_experiment.pk}/").content.decode()
+    page = client.get(f"/experiments/{queued_experiment.pk}/").content.decode()
     assert "No worker is running" in page
 
     Schedule.objects.filter(name=attempts.RECONCILE_SCHEDULE).update(next_run=timezone.now() + timedelta(seconds=30))
-    page = anonymous.get(f"/experiments/{queued_experiment.pk}/").content.decode()
+    page = client.get(f"/experiments/{queued_experiment.pk}/").content.decode()
     assert "No worker is running" not in page
 
 
