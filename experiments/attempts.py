@@ -41,6 +41,12 @@ class LostOwnership(BaseException):
     in the engine mistakes it for a failed technique: the attempt must just end, writing nothing."""
 
 
+class DatabaseUnavailable(BaseException):
+    """A write failed again after reconnecting. Not the technique's fault, so not an Exception
+    the engine would record as its failure: the attempt ends, its heartbeat goes stale, and the
+    reconciler re-queues the run once the database is back."""
+
+
 class WorkerShuttingDown(BaseException):
     """The qcluster was asked to stop: end the run at this progress call and hand it back."""
 

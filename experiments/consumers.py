@@ -26,8 +26,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from . import services
-from .auth import NOT_AUTHENTICATED, UNKNOWN_EXPERIMENT
 from .attempts import worker_silence_s
+from .auth import NOT_AUTHENTICATED, UNKNOWN_EXPERIMENT
 from .models import Experiment, ExperimentProgress
 from .sink import group_name
 

@@ -40,7 +40,9 @@ def jsonable(value):
 def retry_after_reconnect(write):
     """Run a database write; when the connection broke (PostgreSQL restarted, the backend was
     terminated), reconnect and run it once more. Each wrapped write is whole on its own (one
-    statement or one transaction), so running it again is safe."""
+    statement or one transaction), so running it again is safe. If that fails too, the
+    database is away for longer: DatabaseUnavailable ends the attempt without recording
+    anything as failed, and the reconciler re-queues the run once the database is back."""
 
     @functools.wraps(write)
     def wrapper(*args, **kwargs):
@@ -51,7 +53,10 @@ def retry_after_reconnect(write):
                 raise  # the enclosing transaction is lost anyway: its owner retries
             logger.warning("database connection lost in %s; reconnecting", write.__name__, exc_info=True)
             connection.close()
+        try:
             return write(*args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            raise attempts.DatabaseUnavailable(f"the database is unavailable: {exc}") from exc
 
     return wrapper
 

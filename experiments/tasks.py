@@ -49,6 +49,14 @@ def run_experiment(experiment_id: int) -> str:
     the claim, since django-q2 does not count a worker that died; a model that kills the worker
     each time fails after EDGEOPT_MAX_ATTEMPTS. A later attempt resumes: finished techniques
     are kept. A stopping qcluster hands the run back to the queue without using an attempt."""
+    try:
+        return _claim_and_run(experiment_id)
+    except attempts.DatabaseUnavailable:
+        logger.exception("experiment %s: the database went away; the reconciler re-queues the run", experiment_id)
+        return "database unavailable"
+
+
+def _claim_and_run(experiment_id: int) -> str:
     if cluster.stopping():
         # Fetched by this cluster just before it was asked to stop: leave it to the next worker.
         _enqueue_run(experiment_id)

@@ -209,3 +209,28 @@ def test_the_sink_reconnects_after_postgresql_drops_its_connection(queued_experi
     assert connection.connection.get_backend_pid() != backend_pid
     assert OptimizationRun.objects.get(experiment=queued_experiment, technique="qat").status == "running"
     assert ExperimentProgress.objects.get(experiment=queued_experiment).technique == "qat"
+
+
+def test_a_database_that_stays_away_ends_the_attempt_without_failing_the_technique(monkeypatch, queued_experiment,
+                                                                                   settings):
+    from django.db import OperationalError
+
+    def engine(spec, sink):
+        sink.run_started("ptq_int8")
+        monkeypatch.setattr(ExperimentProgress, "publish", lambda *a, **k: (_ for _ in ()).throw(
+            OperationalError("server closed the connection unexpectedly")))
+        try:
+            sink.progress({"status": "running", "technique": "ptq_int8", "technique_progress": 0.0})  # always written
+        except Exception:  # what the orchestrator does with a technique's error
+            raise AssertionError("a database outage was reported as the technique's error") from None
+        return "completed"
+
+    use_engine(monkeypatch, engine)
+
+    assert tasks.run_experiment(queued_experiment.pk) == "database unavailable"
+    monkeypatch.undo()
+    experiment = Experiment.objects.get(pk=queued_experiment.pk)
+    assert experiment.status == "running" and not experiment.error
+    assert experiment.runs.get(technique="ptq_int8").status == "running", "left for the next attempt"
+    silence(experiment, settings)
+    assert reconcile()["requeued"] == [experiment.pk]
