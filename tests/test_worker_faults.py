@@ -117,6 +117,14 @@ def test_sigterm_stops_qcluster_within_10_s_and_a_new_worker_completes_the_run(l
     assert OptimizationRun.objects.get(pk=kept.pk).finished_at == kept.finished_at
 
 
+def terminate_other_database_connections() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
 def redis_reachable(url: str) -> bool:
     try:
         import redis
@@ -129,7 +137,8 @@ def redis_reachable(url: str) -> bool:
 REDIS_TEST_URL = os.getenv("EDGEOPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
-def test_two_qclusters_on_postgresql_and_redis_share_four_experiments_and_push_progress(live, settings):
+def test_two_qclusters_on_postgresql_and_redis_share_four_experiments_push_progress_and_survive_a_cut_connection(
+        live, settings):
     if not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
         pytest.skip("runs on PostgreSQL (DATABASE_URL=postgres://...), as CI does")
     if not redis_reachable(REDIS_TEST_URL):
@@ -146,6 +155,8 @@ def test_two_qclusters_on_postgresql_and_redis_share_four_experiments_and_push_p
         messages = []
         while not (messages and messages[-1]["type"] == "status"):
             messages.append(json.loads(ws.recv(timeout=240)))
+            if len(messages) == 3:  # mid-run: what a PostgreSQL restart does to every connection
+                terminate_other_database_connections()
 
     assert messages[-1]["status"] == "completed"
     running = [m for m in messages if m["type"] == "progress" and m["status"] == "running"]
@@ -153,6 +164,6 @@ def test_two_qclusters_on_postgresql_and_redis_share_four_experiments_and_push_p
     for experiment_id in others:
         assert stack.wait_until_finished(experiment_id, timeout=240)["status"] == "completed"
     assert [e.attempts for e in Experiment.objects.filter(pk__in=[watched, *others])] == [1] * 4, \
-        "an experiment ran twice"
+        "an experiment ran twice, or a run did not survive its database connection being cut"
     logs = {name: (stack.log_dir / f"{name}.log").read_text() for name in ("worker", "worker2")}
     assert all("claimed experiment" in log for log in logs.values()), "one qcluster did all the work"
