@@ -12,7 +12,8 @@ Transitions beyond the model's (see Experiment's docstring)::
     queued (no owner) | running (heartbeat stale)  --claim()-->  running, new token, attempts + 1
     running (owner)   --hand_back()-->  queued, attempt given back     (the worker is shutting down)
     running (stale)   --requeue_abandoned()-->  queued                 (the attempt counts)
-    running (stale)   --fail_abandoned()-->     failed                 (no attempts left)
+    running (stale)   --end_abandoned()-->      failed                 (no attempts left)
+                                                 stopped                (the user asked to stop it)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from .models import Experiment, ExperimentProgress, _enqueue_run
+from .models import STATUS_MESSAGES, Experiment, ExperimentProgress, _enqueue_run
 
 logger = logging.getLogger(__name__)
 # django-q2's scheduler advances the reconcile schedule at least once a minute while any
@@ -110,13 +111,13 @@ def requeue_abandoned(experiment_id: int, token: str, now=None) -> bool:
                     "queued again, finished techniques are kept")
 
 
-def fail_abandoned(experiment_id: int, token: str, attempts: int, now=None) -> bool:
-    error = gave_up_message(attempts)
+def end_abandoned(experiment_id: int, token: str, status: str, error: str = "", now=None) -> bool:
+    """Finish a silent run for good: failed (no attempts left) or stopped (as the user asked)."""
     with transaction.atomic():
         moved = Experiment.objects.filter(_still_abandoned(token, now), pk=experiment_id).update(
-            status=Experiment.Status.FAILED, error=error, finished_at=timezone.now(), worker_token="")
+            status=status, error=error, finished_at=timezone.now(), worker_token="")
         if moved:
-            _publish(experiment_id, status=Experiment.Status.FAILED, message=error)
+            _publish(experiment_id, status=status, message=error or STATUS_MESSAGES[status])
     return bool(moved)
 
 

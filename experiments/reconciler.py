@@ -8,7 +8,8 @@ the same experiment twice.
 
 - running, heartbeat older than EDGEOPT_STALE_AFTER_S: the worker died (kill -9, out of
   memory, its machine went down). Queued again, resuming after the finished techniques;
-  failed with the reason once EDGEOPT_MAX_ATTEMPTS attempts were used.
+  failed with the reason once EDGEOPT_MAX_ATTEMPTS attempts were used; stopped if the user
+  had asked it to stop.
 - queued for longer than that with no task waiting in the broker: the task was taken by a
   cluster that died (the Redis broker loses it; the ORM broker would hand it out again only
   after `retry`, over an hour). A new task is queued; a duplicate is harmless (the claim).
@@ -31,12 +32,16 @@ def reconcile() -> dict[str, list[int]]:
     """Move what needs moving; returns the ids moved, by what happened to them."""
     now = timezone.now()
     silent = Q(heartbeat_at__lt=attempts.stale_before(now)) | Q(heartbeat_at__isnull=True)
-    moved: dict[str, list[int]] = {"requeued": [], "failed": [], "enqueued_again": []}
+    moved: dict[str, list[int]] = {"requeued": [], "failed": [], "stopped": [], "enqueued_again": []}
     abandoned = Experiment.objects.filter(silent, status=Experiment.Status.RUNNING).values_list(
-        "pk", "worker_token", "attempts")
-    for experiment_id, token, used in abandoned:
-        if used >= settings.EDGEOPT_MAX_ATTEMPTS:
-            if attempts.fail_abandoned(experiment_id, token, used, now):
+        "pk", "worker_token", "attempts", "stop_requested")
+    for experiment_id, token, used, stop_requested in abandoned:
+        if stop_requested:
+            if attempts.end_abandoned(experiment_id, token, Experiment.Status.STOPPED, now=now):
+                moved["stopped"].append(experiment_id)
+        elif used >= settings.EDGEOPT_MAX_ATTEMPTS:
+            if attempts.end_abandoned(experiment_id, token, Experiment.Status.FAILED,
+                                      attempts.gave_up_message(used), now):
                 moved["failed"].append(experiment_id)
         elif attempts.requeue_abandoned(experiment_id, token, now):
             moved["requeued"].append(experiment_id)

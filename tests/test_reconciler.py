@@ -82,6 +82,15 @@ def test_reconciler_fails_a_silent_run_that_used_its_attempts(queued_experiment,
     assert experiment.progress.to_message()["type"] == "status"
 
 
+def test_reconciler_stops_a_silent_run_the_user_asked_to_stop(queued_experiment, settings):
+    attempts.claim(queued_experiment.pk)
+    Experiment.objects.get(pk=queued_experiment.pk).request_stop()
+    silence(queued_experiment, settings)
+
+    assert reconcile()["stopped"] == [queued_experiment.pk]
+    assert Experiment.objects.get(pk=queued_experiment.pk).status == "stopped"
+
+
 def test_an_attempt_that_lost_its_run_writes_nothing_more(queued_experiment, settings):
     stale_sink = DjangoSink(queued_experiment, attempts.claim(queued_experiment.pk))
     silence(queued_experiment, settings)

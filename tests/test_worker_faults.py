@@ -35,7 +35,7 @@ def live(demo_storage, tmp_path, settings, auth_headers):
         context.__exit__(None, None, None)
 
 
-def start_demo(stack, techniques=TECHNIQUES, qat_epochs: int = 6) -> int:
+def start_demo(stack, techniques=TECHNIQUES, qat_epochs: int = 3) -> int:
     body = {"name": "faults", "framework": "pytorch", "target_device": "rpi4", "dataset": "digits",
             "techniques": techniques, "pretrained_model": "digits_cnn",
             "config": {"techniques": {"qat": {"epochs": qat_epochs}}}}
