@@ -84,6 +84,9 @@ def test_after_kill_9_of_the_worker_a_new_qcluster_completes_the_run_keeping_fin
     assert progress["status"] == "running" and progress["worker_silent_s"] >= STALE_AFTER_S
 
     stack.processes.start_worker("worker-after-kill")
+    # The new qcluster's start-up reconcile queues it again and takes it: running within 2 minutes.
+    wait_for(lambda: Experiment.objects.filter(pk=experiment_id, status="running", attempts=2).exists(),
+             120, "running again after the restart", stack)
     experiment = stack.wait_until_finished(experiment_id, timeout=240)
 
     assert experiment["status"] == "completed", stack.logs()
