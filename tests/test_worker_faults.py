@@ -150,7 +150,8 @@ def test_two_qclusters_on_postgresql_and_redis_share_four_experiments_push_progr
 
     redis.from_url(REDIS_TEST_URL).flushdb()  # a database of its own: no queue left from another run
     stack = live(workers=2, EDGEOPT_BROKER="redis", CHANNEL_LAYER="redis", REDIS_URL=REDIS_TEST_URL,
-                 EDGEOPT_PROGRESS_POLL_MS="0")  # the WebSocket hears only what the worker pushes
+                 EDGEOPT_PROGRESS_POLL_MS="0",  # the WebSocket hears only what the worker pushes
+                 EDGEOPT_MAX_ACTIVE_PER_USER="4")
 
     watched = start_demo(stack, techniques=["ptq_int8"])
     with stack.websocket(watched) as ws:
