@@ -153,6 +153,8 @@ class DjangoSink:
 
     @retry_after_reconnect
     def analysis(self, analysis: dict) -> None:
+        if analysis.get("error"):  # "analysis failed: ..." may name the deploy file's folder
+            analysis = {**analysis, "error": storage.public_error(analysis["error"])}
         with transaction.atomic():
             attempts.beat(self.experiment.pk, self.token)
             Experiment.objects.filter(pk=self.experiment.pk).update(analysis=jsonable(analysis))
