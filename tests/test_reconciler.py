@@ -14,7 +14,7 @@ from experiments import attempts, cluster, tasks
 from experiments.models import Experiment, ExperimentProgress, OptimizationRun
 from experiments.reconciler import ensure_schedule, reconcile
 from experiments.sink import DjangoSink
-from tests.test_tasks import fake_engine, use_engine
+from tests.test_tasks import fake_engine, silence_the_worker as silence, use_engine
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def queued_experiment(ready_experiment):
     ready_experiment.enqueue()
     return ready_experiment
-
-
-def silence(experiment, settings, seconds_past_stale: int = 1) -> None:
-    """As if the worker had died: its last heartbeat is older than EDGEOPT_STALE_AFTER_S."""
-    long_ago = timezone.now() - timedelta(seconds=settings.EDGEOPT_STALE_AFTER_S + seconds_past_stale)
-    Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=long_ago)
 
 
 def queued_tasks(experiment) -> int:

@@ -65,9 +65,9 @@ def claimed_sink(experiment) -> DjangoSink:
     return DjangoSink(experiment, attempts.claim(experiment.pk))
 
 
-def silence_the_worker(experiment, settings) -> None:
+def silence_the_worker(experiment, settings, seconds_past_stale: int = 1) -> None:
     """As if the worker had died: its last heartbeat is older than EDGEOPT_STALE_AFTER_S."""
-    long_ago = timezone.now() - timedelta(seconds=settings.EDGEOPT_STALE_AFTER_S + 1)
+    long_ago = timezone.now() - timedelta(seconds=settings.EDGEOPT_STALE_AFTER_S + seconds_past_stale)
     Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=long_ago)
 
 
