@@ -10,7 +10,8 @@ beside the new owner. django-q2's ORM broker hands a killed worker's task out ag
 Transitions beyond the model's (see Experiment's docstring)::
 
     queued (no owner) | running (heartbeat stale)  --claim()-->  running, new token, attempts + 1
-    running (owner)   --hand_back()-->  queued, attempt given back     (the worker is shutting down)
+    running (owner)   --hand_back()-->  queued, attempt given back     (the worker is shutting down;
+                                        stopped if the user asked it to stop)
     running (stale)   --requeue_abandoned()-->  queued                 (the attempt counts)
     running (stale)   --end_abandoned()-->      failed                 (no attempts left)
                                                  stopped                (the user asked to stop it)
@@ -100,8 +101,12 @@ def finish(experiment: Experiment, token: str, status: str, error: str = "") -> 
 
 def hand_back(experiment: Experiment, token: str, message: str) -> bool:
     """Queue the run again for the next worker and give this attempt back: it was interrupted,
-    not failed. Finished techniques are kept (the next attempt resumes after them)."""
-    return _requeue(Q(worker_token=token), experiment.pk, message, attempts=F("attempts") - 1)
+    not failed. Finished techniques are kept (the next attempt resumes after them). A run the
+    user had asked to stop ends stopped instead."""
+    if _requeue(Q(worker_token=token, stop_requested=False), experiment.pk, message, attempts=F("attempts") - 1):
+        return True
+    return _end(Q(status=Experiment.Status.RUNNING, worker_token=token, stop_requested=True), experiment.pk,
+                Experiment.Status.STOPPED)
 
 
 def requeue_abandoned(experiment_id: int, token: str, now=None) -> bool:
@@ -113,8 +118,12 @@ def requeue_abandoned(experiment_id: int, token: str, now=None) -> bool:
 
 def end_abandoned(experiment_id: int, token: str, status: str, error: str = "", now=None) -> bool:
     """Finish a silent run for good: failed (no attempts left) or stopped (as the user asked)."""
+    return _end(_still_abandoned(token, now), experiment_id, status, error)
+
+
+def _end(condition: Q, experiment_id: int, status: str, error: str = "") -> bool:
     with transaction.atomic():
-        moved = Experiment.objects.filter(_still_abandoned(token, now), pk=experiment_id).update(
+        moved = Experiment.objects.filter(condition, pk=experiment_id).update(
             status=status, error=error, finished_at=timezone.now(), worker_token="")
         if moved:
             _publish(experiment_id, status=status, message=error or STATUS_MESSAGES[status])

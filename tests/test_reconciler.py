@@ -126,6 +126,20 @@ def test_a_stopping_qcluster_hands_the_run_back_without_using_an_attempt(monkeyp
     assert queued_tasks(experiment) == 2
 
 
+def test_a_stopping_qcluster_ends_a_run_the_user_asked_to_stop_instead_of_queueing_it(monkeypatch,
+                                                                                     queued_experiment):
+    def engine(spec, sink):
+        Experiment.objects.get(pk=spec.experiment_id).request_stop()
+        monkeypatch.setattr(cluster, "stopping", lambda: True)
+        sink.should_stop()
+        raise AssertionError("should_stop must raise")
+
+    use_engine(monkeypatch, engine)
+
+    assert tasks.run_experiment(queued_experiment.pk) == "interrupted"
+    assert Experiment.objects.get(pk=queued_experiment.pk).status == "stopped"
+
+
 def test_a_task_fetched_by_a_stopping_qcluster_is_left_for_the_next_worker(monkeypatch, queued_experiment):
     monkeypatch.setattr(cluster, "stopping", lambda: True)
 
