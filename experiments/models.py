@@ -53,7 +53,9 @@ class Experiment(models.Model):
         queued   --finish("failed")--> failed                             (gave up before running)
 
     `attempts` counts how often the worker task started this run; django-q2 does not count
-    a worker that died, so the task does (see tasks.run_experiment).
+    a worker that died, so the task does (see tasks.run_experiment). While active, the attempt
+    that owns the run holds `worker_token` and keeps `heartbeat_at` fresh (queued: the time it
+    was queued); experiments/attempts.py claims, hands back and re-queues through them.
     """
 
     class Status(models.TextChoices):
@@ -88,6 +90,8 @@ class Experiment(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.CREATED, db_index=True)
     stop_requested = models.BooleanField(default=False)
     attempts = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last sign of life of the run")
+    worker_token = models.CharField(max_length=32, blank=True, help_text="the attempt that owns the run")
     error = models.TextField(blank=True)
     baseline = models.JSONField(null=True, blank=True)
     analysis = models.JSONField(null=True, blank=True)
@@ -157,6 +161,7 @@ class Experiment(models.Model):
                 "technique_progress": 0.0, "overall_progress": 0.0, "eta_seconds": None, "metrics": {},
             },
             stop_requested=False, attempts=0, error="", baseline=None, started_at=None, finished_at=None,
+            heartbeat_at=timezone.now(), worker_token="",
         )
         experiment_id = self.pk
         transaction.on_commit(lambda: _enqueue_run(experiment_id))
@@ -222,10 +227,15 @@ class Experiment(models.Model):
         }
 
 
+def run_task_name(experiment_id: int) -> str:
+    """The django-q2 task name of an experiment's run (the reconciler looks for it in the broker)."""
+    return f"experiment-{experiment_id}"
+
+
 def _enqueue_run(experiment_id: int) -> None:
     from django_q.tasks import async_task
 
-    async_task("experiments.tasks.run_experiment", experiment_id, task_name=f"experiment-{experiment_id}")
+    async_task("experiments.tasks.run_experiment", experiment_id, task_name=run_task_name(experiment_id))
 
 
 def _iso(value) -> str | None:
@@ -443,11 +453,19 @@ class ExperimentProgress(models.Model):
     def is_finished(self) -> bool:
         return self.status in Experiment.FINISHED
 
+    def worker_silent_s(self) -> int | None:
+        """Seconds the worker has shown no sign of life, when it looks gone (attempts.py)."""
+        from .attempts import worker_silence_s
+
+        experiment = self.experiment
+        return worker_silence_s(experiment.status, experiment.heartbeat_at, experiment.started_at)
+
     def to_message(self) -> dict:
         """The WebSocket payload: "progress" while queued or running, "status" once final."""
         return {
             "type": "progress" if self.status in Experiment.ACTIVE else "status",
             **{name: getattr(self, name) for name in self.PROGRESS_FIELDS},
+            "worker_silent_s": self.worker_silent_s() if self.status in Experiment.ACTIVE else None,
             "seq": self.seq,
             "updated_at": _iso(self.updated_at),
         }

@@ -191,13 +191,13 @@ def ready_experiment(new_experiment, pretrained_model):
 def finished_experiment(ready_experiment, storage_root):
     """A completed experiment with one run, its two artifacts and a recommendation, written
     through the same sink the worker uses."""
+    from experiments.attempts import claim
     from experiments.models import Experiment
     from experiments.sink import DjangoSink
 
     experiment = ready_experiment
     experiment.enqueue()
-    experiment.mark_running()
-    sink = DjangoSink(experiment)
+    sink = DjangoSink(experiment, claim(experiment.pk))
     output = sink.output_dir
     output.mkdir(parents=True)
     (output / "ptq_int8.onnx").write_bytes(b"\x08\x07onnx-bytes")

@@ -103,17 +103,14 @@ def test_results_page_shows_runs_estimates_constraints_recommendation_and_downlo
 
 
 def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(client, finished_experiment):
-    from experiments.sink import DjangoSink
-
-    sink = DjangoSink(finished_experiment)
-    sink.analysis({"params": 650, "macs": 640, "input_shape": [1, 8, 8], "peak_activation_bytes": 2048,
+    finished_experiment.analysis = {"params": 650, "macs": 640, "input_shape": [1, 8, 8], "peak_activation_bytes": 2048,
                    "layers": [{"name": "fc", "type": "fc", "params": 650, "macs": 640, "output_shape": [1, 10],
                                "activation_bytes": 40}],
-                   "bottlenecks": [{"layer": "fc", "type": "fc", "reason": "100% of the model's parameters"}]})
+                   "bottlenecks": [{"layer": "fc", "type": "fc", "reason": "100% of the model's parameters"}]}
     baseline = {**finished_experiment.baseline}
     baseline["estimates"] = {**baseline["estimates"], "assumptions": ["energy = latency x board power 6.4 W"]}
     finished_experiment.baseline = baseline
-    finished_experiment.save(update_fields=["baseline"])
+    finished_experiment.save(update_fields=["baseline", "analysis"])
 
     page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
