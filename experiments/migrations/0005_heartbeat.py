@@ -22,7 +22,7 @@ def remove_reconcile_schedule(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("experiments", "0003_accounts"),
+        ("experiments", "0004_plan"),
         ("django_q", "0019_alter_task_options_alter_ormq_key_alter_ormq_lock_and_more"),
     ]
 
