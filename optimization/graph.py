@@ -306,6 +306,8 @@ def _contrib_output_shape(node, shapes: dict[str, list[int]]) -> list[int] | Non
         trans_b = "transB" in attrs and attrs["transB"].i
         b = shapes[node.input[3]]
         return [first[1] if trans_a else first[0], b[0] if trans_b else b[1]]
+    if node.op_type == "MatMulNBits":  # A [..., K] times the packed [K, N] weight
+        return [*first[:-1], attrs["N"].i]
     return None
 
 
@@ -370,8 +372,9 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         if op_type == "MatMulNBits":
             k, n, bits = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4))
             weights = [(node.input[1], bits)]
-            op.params = k * n
-            op.weight_bytes = k * n * bits // 8
+            bias = node.input[5] if len(node.input) > 5 and node.input[5] in constants else None
+            op.params = k * n + (elements(constants[bias]) if bias else 0)
+            op.weight_bytes = k * n * bits // 8 + (elements(constants[bias]) * 4 if bias else 0)
             op.macs = _prod(out_shape) * k
             op.precision, op.weight_bits = ("int4" if bits <= 4 else "int8"), bits
             return op
