@@ -162,6 +162,16 @@ def read_onnx(path: Path) -> Graph:
         if node.op_type == "DequantizeLinear" and node.input[0] in constants:
             init = constants[node.input[0]]
             quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS.get(init.data_type, 8))
+        elif node.op_type == "Cast" and node.input[0] in constants:
+            # Mul(Cast(int4 weight), Cast(scale)) -> Reshape: a quantized weight onnxruntime folds at load
+            init = constants[node.input[0]]
+            if _ONNX_DTYPE_BITS.get(init.data_type, 32) <= 8:
+                quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS[init.data_type])
+            else:
+                constants[node.output[0]] = init
+        elif (node.op_type in ("Mul", "Reshape") and node.input[0] in quantized_weight
+              and all(name in constants for name in node.input[1:])):
+            quantized_weight[node.output[0]] = quantized_weight[node.input[0]]
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type in _ONNX_ALIASES:
             alias[node.output[0]] = node.input[0]
 
@@ -201,7 +211,7 @@ def read_onnx(path: Path) -> Graph:
     by_output: dict[str, Op] = {}
     skip_types = {"Constant", "QuantizeLinear", "DequantizeLinear", *_ONNX_ALIASES}
     for index, node in enumerate(graph.node):
-        if node.op_type in skip_types:
+        if node.op_type in skip_types or node.output[0] in quantized_weight or node.output[0] in constants:
             continue
         act_inputs = [resolve(n) for n in node.input if n and resolve(n) not in constants and n not in quantized_weight]
         # Fold an activation/BN into its producer when that producer is a conv/fc used only here.
