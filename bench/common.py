@@ -74,8 +74,9 @@ def targets(int8_speedup: float) -> dict:
 
 
 def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
-                params_macs: tuple[int, int], technique_targets: dict) -> dict:
-    """Every technique on `model`, each deploy file compared with the model's FP32 deploy file.
+                params_macs: tuple[int, int], technique_targets: dict, techniques=TECHNIQUES) -> dict:
+    """Each of `techniques` (default: all) on `model`, each deploy file compared with the model's
+    FP32 deploy file.
 
     `params_macs` is the baseline's (parameters, MACs), counted by the framework's own counter."""
     baseline_path = backend.export_deploy(model, work_dir / f"baseline{backend.deploy_suffix}")
@@ -86,7 +87,7 @@ def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
                   "calib_samples": len(dataset.x_calib), "layers": len(load_graph(baseline_path).ops) or None}
     print(f"[{label}] baseline {baseline}", flush=True)
     rows = []
-    for name in TECHNIQUES:
+    for name in techniques:
         technique = get_technique(backend.framework, name)
         config = TechniqueConfig(work_dir / name)
         estimate = technique.estimate_time(model_info, config)

@@ -1,6 +1,7 @@
 """ptq_int4 on a small convnet with every kind of layer MobileNets and ResNets have (3x3,
 pointwise and depthwise convolutions, a strided convolution, a fully connected classifier),
-trained briefly on digits. Every check reads the saved ONNX file, outside the technique."""
+trained briefly on digits. Every check reads the saved ONNX file, outside the technique.
+Sizes and accuracy on MobileNetV2 and ResNet-20: bench/pytorch_techniques.py, BENCHMARKS.md."""
 from __future__ import annotations
 
 import os
@@ -84,29 +85,46 @@ def test_convolutions_and_the_classifier_store_4_bit_weights_as_the_details_say(
 
     nodes, initializers = nodes_and_initializers(int4.artifacts["deploy"])
     layers = int4.details["layers"].values()
-    matmul_bits = sorted(helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits"
-                         for a in n.attribute if a.name == "bits")
-    # the two pointwise convolutions and the classifier run in onnxruntime's n-bit kernel...
-    assert matmul_bits == sorted(e["bits"] for e in layers if e["op"].startswith("MatMulNBits"))
-    # ...and the 3x3, depthwise and strided convolutions read INT4 (or INT8) weights through DequantizeLinear
-    conv_bits = sorted(e["bits"] for e in layers if e["op"] == "DequantizeLinear -> Conv")
+    # the classifier runs in onnxruntime's n-bit kernel...
+    matmul_bits = [helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits"
+                   for a in n.attribute if a.name == "bits"]
+    assert matmul_bits == [e["bits"] for e in layers if e["op"] == "MatMulNBits"]
+    # ...and the five convolutions (3x3, pointwise, depthwise, strided) store INT4 (or INT8) weights
+    conv_bits = sorted(e["bits"] for e in layers if e["op"] == "Conv, weight folded at load")
     stored = sorted(4 if init.data_type == TensorProto.INT4 else 8 for init in initializers
                     if init.data_type in (TensorProto.INT4, TensorProto.INT8))
-    assert stored == conv_bits and len(conv_bits) == 3
+    assert stored == conv_bits and len(conv_bits) == 5
     assert not any(init.data_type == TensorProto.FLOAT and len(init.dims) == 4 for init in initializers)
     # the big strided convolution holds most weights: most of the model is 4-bit whatever stays wider
     assert int4.details["weights_at_4_bits"] >= 0.8
 
 
+def test_onnxruntime_folds_the_4_bit_weights_into_float_convolutions_when_it_loads(int4, tmp_path):
+    """What keeps the file at FP32 speed: no Cast/Mul runs per call, the convolutions get constant
+    weights (and with them the NCHWc kernels)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int4.artifacts["deploy"]), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    constants = {init.name for init in optimized.initializer}
+    assert not {n.op_type for n in optimized.node} & {"Cast", "Mul", "DequantizeLinear"}
+    convolutions = [n for n in optimized.node if n.op_type in ("Conv", "FusedConv")]
+    assert len(convolutions) == 5 and all(n.input[1] in constants for n in convolutions)
+
+
 def test_details_list_each_layers_bits_and_form(int4):
-    layers = int4.details["layers"]
+    details = int4.details
+    layers = details["layers"]
     assert len(layers) == 6
     assert {entry["bits"] for entry in layers.values()} <= {4, 8}
     forms = sorted(entry["op"] for entry in layers.values())
-    assert forms.count("DequantizeLinear -> Conv") == 3
-    assert forms.count("MatMulNBits (1x1 conv, channels last)") == 2
-    assert int4.details["kept_wider"].keys() == {name for name, e in layers.items() if e["bits"] > 4}
-    assert int4.details["calibration_agreement_with_fp32"] >= int4.details["min_agreement"]
+    assert forms == ["Conv, weight folded at load"] * 5 + ["MatMulNBits"]
+    assert details["kept_wider"].keys() == {name for name, e in layers.items() if e["bits"] > 4}
+    assert details["calibration_agreement_with_fp32"] >= 0.99
+    assert details["calibration_logit_error"] <= 0.05
 
 
 def test_int4_file_is_far_smaller_than_int8_and_fp32(int4, convnet, digits, fp32, tmp_path):
@@ -130,7 +148,8 @@ def test_matmulnbits_computes_the_product_with_the_dequantized_weights(tmp_path)
     path = backend.export_onnx(module, (40,), tmp_path / "fc.onnx")
     x = np.random.default_rng(0).normal(size=(5, 40)).astype(np.float32)
     out = tmp_path / "fc4.onnx"
-    ptq_int4.quantize_weights_4bit(path, out, x, {"block_size": 32, "min_agreement": 0.0, "accuracy_level": 0})
+    ptq_int4.quantize_weights_4bit(path, out, x, {**ptq_int4.Technique.defaults, "block_size": 32,
+                                                  "min_agreement": 0.0, "max_logit_error": 1e9, "accuracy_level": 0})
 
     weight = module[1].weight.detach().numpy().T  # [K, N]
     padded = np.zeros((64, 24), dtype=np.float32)
@@ -149,24 +168,25 @@ def test_mse_clipping_rounds_no_worse_than_the_largest_weight_scale():
     absmax_scale = np.abs(groups).max(1) / 7
     absmax_error = ((np.clip(np.rint(groups / absmax_scale[:, None]), -8, 7) * absmax_scale[:, None] - groups) ** 2).sum(1)
     assert np.all(error <= absmax_error + 1e-9)
-    assert error.sum() < 0.8 * absmax_error.sum()
+    assert error.sum() < 0.9 * absmax_error.sum()
     assert q.min() >= -8 and q.max() <= 7
 
 
 def test_layers_go_back_to_8_bits_most_sensitive_first_until_the_agreement_holds(convnet, digits, tmp_path):
     """Calibrated on noise, where many logits sit near a decision boundary, 4-bit weights flip
     some predictions: the most sensitive layers return to 8 bits, in order, until the model agrees
-    with FP32 on every calibration sample (or every layer is 8-bit)."""
+    with FP32 on every calibration sample within the logit error (or every layer is 8-bit)."""
     fp32 = backend.BACKEND.export_deploy(convnet, tmp_path / "fp32.onnx")
     noise = np.random.default_rng(0).uniform(0, 1, size=(128, *digits.input_shape)).astype(np.float32)
     details = ptq_int4.quantize_weights_4bit(fp32, tmp_path / "int4.onnx", noise,
                                              {**ptq_int4.Technique.defaults, "min_agreement": 1.0})
     kept, layers = details["kept_wider"], details["layers"]
-    assert kept, "all-4-bit weights agreed with FP32 on every noise sample: the test needs a harder input"
-    assert all("agreed with FP32" in why for why in kept.values())
+    assert kept, "all-4-bit weights met the target on every noise sample: the test needs a harder input"
+    assert all("missed the target" in why for why in kept.values())
     sensitivity = {name: entry["logit_error_alone_at_4_bits"] for name, entry in layers.items()}
     assert list(kept) == sorted(sensitivity, key=sensitivity.get, reverse=True)[:len(kept)]
-    assert details["calibration_agreement_with_fp32"] == 1.0 or len(kept) == len(layers)
+    met = details["calibration_agreement_with_fp32"] == 1.0 and details["calibration_logit_error"] <= 0.05
+    assert met or len(kept) == len(layers)
     assert all(layers[name]["bits"] == 8 for name in kept)
 
 

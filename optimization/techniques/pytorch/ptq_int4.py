@@ -111,7 +111,7 @@ def _fc4_conv8(fp32: Path, deploy: Path, calib_x: np.ndarray, options: dict, pro
     ops = weighted_ops(deploy)
     return {
         "layers": {name: {"bits": 4, "op": "MatMulNBits"} for name in ops.get("MatMulNBits", [])},
-        "kept_wider": {name: "8-bit: onnxruntime has no fast 4-bit convolution kernel"
+        "kept_wider": {name: "8-bit: this scheme keeps convolutions INT8 (QLinearConv) for INT8's speed"
                        for name in ops.get("Conv", []) + ops.get("QLinearConv", [])},
         "convolutions": conv_quantization,
         "activations": "uint8, MinMax calibration",
