@@ -48,7 +48,7 @@ from optimization.techniques.pytorch._common import (
 )
 
 SCHEMES = ("w4", "fc4_conv8")
-# int4 DequantizeLinear (and its per-axis scales) needs ONNX opset 21; onnxruntime >= 1.18 runs it
+# INT4 tensors (and Cast from them) need ONNX opset 21; onnxruntime runs them since 1.18
 INT4_OPSET = 21
 # clipping thresholds tried, as fractions of a block's largest absolute weight
 CLIP_RATIOS = np.linspace(0.5, 1.0, 26)
@@ -157,7 +157,12 @@ def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, 
         raise TechniqueNotApplicable(f"block_size must be a power of two of at least {MIN_BLOCK}, got {block_size}")
     model = onnx.load(str(fp32_path))
     if _default_opset(model) < INT4_OPSET:
-        model = version_converter.convert_version(model, INT4_OPSET)
+        try:
+            model = version_converter.convert_version(model, INT4_OPSET)
+        except Exception as error:  # the converter raises bare RuntimeErrors/ValueErrors by op
+            raise TechniqueNotApplicable(
+                f"INT4 weights need ONNX opset {INT4_OPSET}, and onnx could not convert this model from opset "
+                f"{_default_opset(model)}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
     layers = _find_layers(model)
     if not layers:
         raise TechniqueNotApplicable("the model has no convolution or fully connected layer with constant weights")
