@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimization.atomic import atomic_output
 from optimization.base import TechniqueNotApplicable
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
@@ -196,7 +197,8 @@ def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, 
                 progress(0.3 + 0.6 * step / len(raised), f"{name} back to 8 bits", {})
                 bits[name] = 8
                 history.append(measure(bits))
-        _write(model, layers, bits, out_path)
+        with atomic_output(out_path) as partial:
+            _write(model, layers, bits, partial)
     finally:
         scratch.unlink(missing_ok=True)
     return _details(layers, bits, sensitivity, history, options, len(calib_x))
