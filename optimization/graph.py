@@ -157,6 +157,7 @@ def read_onnx(path: Path) -> Graph:
 
     # DequantizeLinear of a constant = a quantized weight: remember its storage width.
     quantized_weight: dict[str, tuple[str, int]] = {}
+    folded_at_load: set[str] = set()  # low-bit storage that onnxruntime turns into float weights
     alias: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in constants:
@@ -167,11 +168,14 @@ def read_onnx(path: Path) -> Graph:
             init = constants[node.input[0]]
             if _ONNX_DTYPE_BITS.get(init.data_type, 32) <= 8:
                 quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS[init.data_type])
+                folded_at_load.add(node.output[0])
             else:
                 constants[node.output[0]] = init
         elif (node.op_type in ("Mul", "Reshape") and node.input[0] in quantized_weight
               and all(name in constants for name in node.input[1:])):
             quantized_weight[node.output[0]] = quantized_weight[node.input[0]]
+            if node.input[0] in folded_at_load:
+                folded_at_load.add(node.output[0])
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type in _ONNX_ALIASES:
             alias[node.output[0]] = node.input[0]
 
@@ -230,6 +234,8 @@ def read_onnx(path: Path) -> Graph:
                 by_output[out] = producer
                 continue
         op = _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of)
+        if any(name in folded_at_load for name in node.input):
+            op.precision = "fp32"  # stored at weight_bits, computed by the float kernel
         ops.append(op)
         for out in op.outputs:
             by_output[out] = op

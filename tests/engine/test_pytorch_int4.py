@@ -135,10 +135,14 @@ def test_int4_file_is_far_smaller_than_int8_and_fp32(int4, convnet, digits, fp32
     assert int4_size <= os.path.getsize(fp32["path"]) / 6
 
 
-def test_the_analyzer_counts_the_int4_file_like_its_fp32_source(int4, fp32):
+def test_the_analyzer_counts_the_int4_file_like_its_fp32_source_stored_small_computed_float(int4, fp32):
     quantized, source = load_graph(int4.artifacts["deploy"]), load_graph(fp32["path"])
     assert (quantized.params, quantized.macs) == (source.params, source.macs)
-    assert quantized.precision == "int4"
+    convolutions = [op for op in quantized.ops if op.op_type == "Conv"]
+    assert len(convolutions) == 5 and {op.weight_bits for op in convolutions} <= {4, 8}
+    # onnxruntime folds these weights to float at load: the estimator must cost float kernels
+    assert {op.precision for op in convolutions} == {"fp32"} and quantized.precision == "fp32"
+    assert sum(op.weight_bytes for op in quantized.ops) < sum(op.weight_bytes for op in source.ops) / 5
 
 
 def test_matmulnbits_computes_the_product_with_the_dequantized_weights(tmp_path):
