@@ -234,7 +234,8 @@ def read_onnx(path: Path) -> Graph:
                 by_output[out] = producer
                 continue
         op = _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of)
-        if any(name in folded_at_load for name in node.input):
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and any(
+                name in folded_at_load for name in node.input):
             op.precision = "fp32"  # stored at weight_bits, computed by the float kernel
         ops.append(op)
         for out in op.outputs:

@@ -62,9 +62,28 @@ def fp32(convnet, digits, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def int4(convnet, digits, tmp_path_factory):
-    config = TechniqueConfig(tmp_path_factory.mktemp("int4"))
-    return ptq_int4.Technique().optimize(convnet, config, digits, ignore_progress)
+def schemes(convnet, digits, tmp_path_factory):
+    """Each scheme run once: the default w4a8 (int8 activations) and weight-only w4."""
+    cache = {}
+
+    def run(scheme):
+        if scheme not in cache:
+            config = TechniqueConfig(tmp_path_factory.mktemp(scheme), {"scheme": scheme})
+            cache[scheme] = ptq_int4.Technique().optimize(convnet, config, digits, ignore_progress)
+        return cache[scheme]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def int4(schemes):
+    return schemes("w4")
+
+
+@pytest.fixture(scope="module")
+def int8(convnet, digits, tmp_path_factory):
+    return ptq_int8.Technique().optimize(convnet, TechniqueConfig(tmp_path_factory.mktemp("int8")), digits,
+                                         ignore_progress)
 
 
 def nodes_and_initializers(path):
@@ -74,13 +93,57 @@ def nodes_and_initializers(path):
     return list(graph.node), list(graph.initializer)
 
 
-def test_int4_file_runs_in_onnxruntime_within_a_point_of_fp32(int4, fp32, digits):
+@pytest.mark.parametrize("scheme", ["w4a8", "w4"])
+def test_int4_file_runs_in_onnxruntime_within_a_point_of_fp32(scheme, schemes, fp32, digits):
     assert fp32["accuracy"] > 0.9
-    measured = accuracy(backend.BACKEND, int4.artifacts["deploy"], digits.x_test, digits.y_test)
+    measured = accuracy(backend.BACKEND, schemes(scheme).artifacts["deploy"], digits.x_test, digits.y_test)
     assert measured >= fp32["accuracy"] - 0.01
 
 
-def test_convolutions_and_the_classifier_store_4_bit_weights_as_the_details_say(int4):
+def test_default_int4_is_int8_kernels_reading_weights_stored_in_4_bits(schemes, tmp_path):
+    """w4a8: every QLinearConv's weight is a Cast of an INT4 initializer (or its INT8 weight where
+    it stayed 8-bit, as the details say), and onnxruntime folds the Casts when it loads the file,
+    so the INT8 kernels get constant int8 weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    result = schemes("w4a8")
+    assert result.details["scheme"] == "w4a8"
+    nodes, initializers = nodes_and_initializers(result.artifacts["deploy"])
+    types = {init.name: init.data_type for init in initializers}
+    cast_from = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Cast"}
+    convolutions = [n for n in nodes if n.op_type == "QLinearConv"]
+    assert len(convolutions) == 5
+    stored = {n.name: 4 if types.get(cast_from.get(n.input[3])) == TensorProto.INT4 else 8 for n in convolutions}
+    assert stored == {name: layer["bits"] for name, layer in result.details["layers"].items()}
+    assert sum(bits == 4 for bits in stored.values()) >= 3
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.artifacts["deploy"]), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    assert "Cast" not in {n.op_type for n in optimized.node}
+    constants = {init.name for init in optimized.initializer}
+    assert all(n.input[3] in constants for n in optimized.node if n.op_type == "QLinearConv")
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4"])
+def test_int4_file_is_far_smaller_than_int8_and_fp32(scheme, schemes, int8, fp32):
+    size = os.path.getsize(schemes(scheme).artifacts["deploy"])
+    # ~0.5 byte per weight plus a scale per channel against INT8's 1 byte: about 0.55x on this model
+    assert size <= 0.65 * os.path.getsize(int8.artifacts["deploy"])
+    assert size <= os.path.getsize(fp32["path"]) / 6
+
+
+def test_the_analyzer_counts_the_default_int4_file_as_int8_kernels_with_4_bit_weights(schemes, fp32):
+    quantized, source = load_graph(schemes("w4a8").artifacts["deploy"]), load_graph(fp32["path"])
+    assert (quantized.params, quantized.macs) == (source.params, source.macs)
+    assert quantized.precision == "int8"
+    assert 4 in {op.weight_bits for op in quantized.ops if op.op_type == "QLinearConv"}
+
+
+def test_w4_convolutions_and_the_classifier_store_4_bit_weights_as_the_details_say(int4):
     from onnx import TensorProto, helper
 
     nodes, initializers = nodes_and_initializers(int4.artifacts["deploy"])
@@ -99,7 +162,7 @@ def test_convolutions_and_the_classifier_store_4_bit_weights_as_the_details_say(
     assert int4.details["weights_at_4_bits"] >= 0.8
 
 
-def test_onnxruntime_folds_the_4_bit_weights_into_float_convolutions_when_it_loads(int4, tmp_path):
+def test_w4_onnxruntime_folds_the_4_bit_weights_into_float_convolutions_when_it_loads(int4, tmp_path):
     """What keeps the file at FP32 speed: no Cast/Mul runs per call, the convolutions get constant
     weights (and with them the NCHWc kernels)."""
     import onnx
@@ -115,7 +178,7 @@ def test_onnxruntime_folds_the_4_bit_weights_into_float_convolutions_when_it_loa
     assert len(convolutions) == 5 and all(n.input[1] in constants for n in convolutions)
 
 
-def test_details_list_each_layers_bits_and_form(int4):
+def test_w4_details_list_each_layers_bits_and_form(int4):
     details = int4.details
     layers = details["layers"]
     assert len(layers) == 6
@@ -127,15 +190,7 @@ def test_details_list_each_layers_bits_and_form(int4):
     assert details["calibration_logit_error"] <= 0.05
 
 
-def test_int4_file_is_far_smaller_than_int8_and_fp32(int4, convnet, digits, fp32, tmp_path):
-    int8 = ptq_int8.Technique().optimize(convnet, TechniqueConfig(tmp_path), digits, ignore_progress)
-    int4_size = os.path.getsize(int4.artifacts["deploy"])
-    # ~0.5 byte per weight plus a scale per channel against INT8's 1 byte: about 0.55x on this model
-    assert int4_size <= 0.65 * os.path.getsize(int8.artifacts["deploy"])
-    assert int4_size <= os.path.getsize(fp32["path"]) / 6
-
-
-def test_the_analyzer_counts_the_int4_file_like_its_fp32_source_stored_small_computed_float(int4, fp32):
+def test_the_analyzer_counts_the_w4_file_like_its_fp32_source_stored_small_computed_float(int4, fp32):
     quantized, source = load_graph(int4.artifacts["deploy"]), load_graph(fp32["path"])
     assert (quantized.params, quantized.macs) == (source.params, source.macs)
     convolutions = [op for op in quantized.ops if op.op_type == "Conv"]
@@ -195,7 +250,7 @@ def test_layers_go_back_to_8_bits_most_sensitive_first_until_the_agreement_holds
 
 
 def test_unknown_scheme_or_block_size_fails_the_run_with_the_choices(convnet, digits, tmp_path):
-    with pytest.raises(TechniqueNotApplicable, match="w4"):
+    with pytest.raises(TechniqueNotApplicable, match="w4a8"):
         ptq_int4.Technique().optimize(convnet, TechniqueConfig(tmp_path, {"scheme": "int3"}), digits, ignore_progress)
     with pytest.raises(TechniqueNotApplicable, match="power of two"):
         ptq_int4.Technique().optimize(convnet, TechniqueConfig(tmp_path, {"block_size": 24}), digits, ignore_progress)

@@ -1,31 +1,39 @@
 """Post-training 4-bit weights in onnxruntime.
 
-Scheme "w4" (default), weight-only, every layer that has weights considered:
-- convolutions (3x3, pointwise, depthwise, strided) store INT4 weights with one float16 scale
-  per block of `block_size` weights (whole input channels of one output channel; per output
-  channel where the channels do not split evenly), as `Mul(Cast(int4 weight), Cast(scale))`.
-  Every node of that chain has constant inputs, so onnxruntime's constant folding turns it back
-  into the float weight when it loads the file, and the convolution runs its ordinary (NCHWc)
-  float kernel: the file is 4-bit, the speed is FP32's. onnxruntime has no 4-bit convolution
-  kernel; the alternatives measured slower on MobileNetV2 w0.5 (FP32 0.9 ms): INT4
-  DequantizeLinear weights are dequantized on every call and leave the NCHWc kernels (16 ms
-  with the next form), and pointwise convolutions as Transpose -> MatMulNBits -> Transpose
-  (MatMulNBits is built for few rows; a 32x32 feature map has 1024) took ~5 ms of it;
-- fully connected layers become onnxruntime's MatMulNBits (com.microsoft), whose kernel computes
-  from the packed 4-bit blocks.
-Scales are symmetric and MSE-optimal: each block's clipping threshold is the one, on a grid
-below its largest weight, with the lowest squared rounding error. Activations stay float.
-Which layers stay 8-bit is measured, not named: all layers go to 4 bits; while, on the calibration
-samples, the model's top-1 predictions agree with the FP32 model's on fewer than `min_agreement`
-of them or its logits move by more than `max_logit_error` (mean squared change relative to the
-FP32 logits' mean square), the layer whose 4-bit weights alone move the logits most goes back to
-8 bits. Agreement alone is blind on training-like samples the model is sure of: on MobileNetV2
-w0.5 it was 100% with 2 layers back at 8 bits while the test split lost 1.4 points; at a logit
-error of 0.05 (8 layers, 0.1% of the weights) the test drop was 0.6, and a ResNet-20 met it
-with every layer at 4 bits (0.02, no drop).
+onnxruntime has no 4-bit convolution kernel. Both 4-bit-convolution schemes therefore store INT4
+weights behind a Cast whose input is constant: onnxruntime's constant folding turns it into the
+weight its kernel wants when it loads the file, so the file is 4-bit and the speed is the
+kernel's. Measured on MobileNetV2 w0.5 at 32x32 (FP32 ~1 ms), the alternatives were slower:
+INT4 DequantizeLinear weights are dequantized on every call and leave the NCHWc kernels (16 ms,
+with the pointwise convolutions as Transpose -> MatMulNBits -> Transpose: MatMulNBits is built
+for few rows, a 32x32 feature map has 1024, and its 35 layers took ~5 ms).
+
+Scheme "w4a8" (default): static INT8 as ptq_int8 (QOperator, uint8 activations calibrated on the
+calibration split, per-channel weights), then every QLinearConv's weight is re-quantized from the
+FP32 weight to 4 bits, one scale per output channel, stored as Cast(int4 -> int8) (its int32 bias
+rescaled to the new weight scale); the same for fully connected layers (QGemm). INT8 kernels
+and speed, INT4 size: MobileNetV2 w0.5 6.0x smaller than FP32 at 1.9x FP32's speed.
+
+Scheme "w4", weight-only, float activations: convolutions store INT4 weights with a float16
+scale per block of `block_size` weights (whole input channels of one output channel; per output
+channel where they do not split evenly) as Reshape(Mul(Reshape(Cast(int4)), Cast(scale))),
+folded into float weights at load: FP32 kernels and speed (and FP32 weight memory at run time);
+fully connected layers become onnxruntime's MatMulNBits (com.microsoft), whose kernel computes
+from the packed 4-bit blocks. The smaller file on depthwise-heavy nets (MobileNetV2 6.2x).
 
 Scheme "fc4_conv8": only fully connected layers become 4-bit MatMulNBits; convolutions are
-static INT8 (QOperator, as ptq_int8), which keeps INT8's speed but INT8's size on a convnet.
+static INT8 (QOperator, as ptq_int8): INT8's size on a convnet.
+
+Scales are symmetric and MSE-optimal: each block's clipping threshold is the one, on a grid
+below its largest weight, with the lowest squared rounding error. Which layers stay 8-bit is
+measured, not named: all layers go to 4 bits; while, on the calibration samples, the model's
+top-1 predictions agree with the FP32 model's on fewer than `min_agreement` of them or its
+logits move by more than `max_logit_error` (mean squared change relative to the FP32 logits'
+mean square), the layer whose 4-bit weights alone move the logits most goes back to 8 bits.
+Agreement alone is blind on training-like samples the model is sure of: on MobileNetV2 w0.5
+(scheme w4) it was 100% with 2 layers back at 8 bits while the test split lost 1.4 points; at a
+logit error of 0.05 (8 layers, 0.6% of the weights) the test drop was 0.6, and a ResNet-20 met
+it with every layer at 4 bits (0.02, no drop).
 """
 from __future__ import annotations
 
@@ -48,11 +56,13 @@ from optimization.techniques.pytorch._common import (
     weighted_ops,
 )
 
-SCHEMES = ("w4", "fc4_conv8")
+SCHEMES = ("w4a8", "w4", "fc4_conv8")
 # INT4 tensors (and Cast from them) need ONNX opset 21; onnxruntime runs them since 1.18
 INT4_OPSET = 21
 # clipping thresholds tried, as fractions of a block's largest absolute weight
 CLIP_RATIOS = np.linspace(0.5, 1.0, 26)
+FORMS = {"matmul": "MatMulNBits", "conv": "Conv, weight folded at load",
+         "qlinear": "QLinearConv/QGemm, int8 activations, weight cast from int4 at load"}
 # MatMulNBits blocks are powers of two of at least 16 weights along K
 MIN_BLOCK = 16
 # the sensitivity search re-evaluates the model once per layer; this bounds it on deep models
@@ -62,7 +72,7 @@ SENSITIVITY_EVALUATIONS = 200
 class Technique(PyTorchTechnique):
     name = "ptq_int4"
     post_training = True
-    defaults = {"scheme": "w4", "block_size": 64, "min_agreement": 0.99, "max_logit_error": 0.05,
+    defaults = {"scheme": "w4a8", "block_size": 64, "min_agreement": 0.99, "max_logit_error": 0.05,
                 "accuracy_level": 4, **INT8_DEFAULTS}
 
     def estimate_time(self, model_info, config) -> float:
@@ -85,8 +95,9 @@ class Technique(PyTorchTechnique):
         progress(0.05, f"exporting FP32 ONNX ({scheme})", {})
         backend.BACKEND.export_deploy(model, fp32)
         try:
-            if scheme == "w4":
-                details = quantize_weights_4bit(fp32, deploy, dataset.x_calib, options, progress)
+            if scheme in ("w4", "w4a8"):
+                details = quantize_weights_4bit(fp32, deploy, dataset.x_calib, options, progress,
+                                                int8_activations=scheme == "w4a8")
             else:
                 details = _fc4_conv8(fp32, deploy, dataset.x_calib, options, progress)
         finally:
@@ -127,9 +138,12 @@ class _Layer:
     """A node with a constant weight, in the form its quantized versions take."""
     index: int
     name: str
-    form: str  # "matmul": weight [K, N] for MatMulNBits; "conv": the Conv weight, folded at load
+    # "matmul": weight [K, N] for MatMulNBits; "conv": the Conv weight, folded at load; "qlinear":
+    # a QLinearConv's weight (int8 activations), per output channel
+    form: str
     weight: np.ndarray
     bias: np.ndarray | None
+    bias_input: int = 8  # "qlinear": where the int32 bias is (QLinearConv 8, QGemm 6)
     versions: dict = field(default_factory=dict)  # bits -> (nodes, initializers)
 
 
@@ -147,9 +161,10 @@ class _Fidelity:
 
 
 def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, options: dict,
-                          progress=lambda *_: None) -> dict:
-    """Scheme "w4" (see the module docstring) from `fp32_path` to `out_path`; returns the run's
-    details: every layer's bits and form, and why each layer kept wider stayed so."""
+                          progress=lambda *_: None, int8_activations: bool = False) -> dict:
+    """Scheme "w4", or "w4a8" with `int8_activations` (see the module docstring), from
+    `fp32_path` to `out_path`; returns the run's details: every layer's bits and form, and why
+    each layer kept wider stayed so."""
     import onnx
     from onnx import version_converter
 
@@ -164,7 +179,21 @@ def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, 
             raise TechniqueNotApplicable(
                 f"INT4 weights need ONNX opset {INT4_OPSET}, and onnx could not convert this model from opset "
                 f"{_default_opset(model)}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-    layers = _find_layers(model)
+    int8_path = out_path.with_suffix(".int8.onnx")
+    if int8_activations:
+        # activations calibrated as ptq_int8's, per-channel weights; its QLinearConv weights get 4 bits
+        source = out_path.with_suffix(f".opset{INT4_OPSET}.onnx")
+        onnx.save(model, str(source))
+        try:
+            int8 = quantize_int8(source, int8_path, calib_x, weight_granularity="per_channel")
+        finally:
+            source.unlink(missing_ok=True)
+        float_weights = {init.name: init for init in model.graph.initializer}
+        model = onnx.load(str(int8_path))
+        int8_path.unlink()
+        layers = _find_qlinear_layers(model, float_weights)
+    else:
+        layers = _find_layers(model)
     if not layers:
         raise TechniqueNotApplicable("the model has no convolution or fully connected layer with constant weights")
     for layer in layers:
@@ -201,14 +230,21 @@ def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, 
             _write(model, layers, bits, partial)
     finally:
         scratch.unlink(missing_ok=True)
-    return _details(layers, bits, sensitivity, history, options, len(calib_x))
+    details = _details(layers, bits, sensitivity, history, options, len(calib_x))
+    if int8_activations:
+        details["activations"] = "uint8 per tensor, MinMax calibration (as ptq_int8)"
+        details["int8"] = int8
+        details["weights"] = "symmetric, MSE-optimal clipping, a float32 scale per output channel"
+        details["runtime"] = ("QLinearConv/QGemm read Cast(int4 -> int8) weights, which onnxruntime folds when it "
+                              "loads the file: INT8 kernels and speed, INT8 weight memory at run time")
+    return details
 
 
 def _details(layers, bits, sensitivity, history, options, samples) -> dict:
     by_layer = {}
     for layer in layers:
         entry = {"bits": bits[layer.name], "weights": int(layer.weight.size),
-                 "op": "MatMulNBits" if layer.form == "matmul" else "Conv, weight folded at load"}
+                 "op": FORMS[layer.form]}
         if layer.name in sensitivity:
             entry["logit_error_alone_at_4_bits"] = round(sensitivity[layer.name], 6)
         by_layer[layer.name] = entry
@@ -269,6 +305,31 @@ def _find_layers(model) -> list[_Layer]:
     return layers
 
 
+def _find_qlinear_layers(model, float_weights: dict) -> list[_Layer]:
+    """QLinearConv and QGemm (B transposed, one row per output) nodes with constant int8
+    weights, their float weight taken from the FP32 model (onnxruntime's quantizer names the int8
+    one `<name>_quantized`), else dequantized."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    layers = []
+    for index, node in enumerate(model.graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not (node.op_type == "QLinearConv" or (node.op_type == "QGemm" and attrs.get("transB", 0))) \
+                or node.input[3] not in initializers or node.input[4] not in initializers:
+            continue
+        name = node.input[3].removesuffix("_quantized")
+        if name in float_weights:
+            weight = numpy_helper.to_array(float_weights[name]).astype(np.float32)
+        else:
+            scale = numpy_helper.to_array(initializers[node.input[4]]).astype(np.float32)
+            weight = numpy_helper.to_array(initializers[node.input[3]]).astype(np.float32)
+            weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+        layers.append(_Layer(index, node.name or f"{node.op_type}_{index}", "qlinear", weight, None,
+                             bias_input=8 if node.op_type == "QLinearConv" else 6))
+    return layers
+
+
 def symmetric_quantize(groups: np.ndarray, bits: int, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `groups` to signed `bits`-bit integers with one scale each (stored as
     `scale_dtype`), the clipping threshold chosen per row from CLIP_RATIOS of its largest weight
@@ -316,6 +377,14 @@ def _quantized(layer: _Layer, bits: int, block_size: int, accuracy_level: int) -
 
     # short tensor names and unnamed helper nodes: on MobileNetV2 long ones made 6% of the file
     p = f"w{layer.index}_{bits}"
+    if layer.form == "qlinear":
+        if bits == 8:
+            return [], []  # the INT8 node as the quantizer wrote it
+        q, scale = symmetric_quantize(layer.weight.reshape(layer.weight.shape[0], -1), bits)
+        storage = q.reshape(layer.weight.shape).astype(ml_dtypes.int4)
+        # Cast(int4 -> int8) has constant input: folded at load, so QLinearConv prepacks an int8 weight
+        return ([helper.make_node("Cast", [p], [f"{p}q"], to=TensorProto.INT8)],
+                [numpy_helper.from_array(storage, p), numpy_helper.from_array(scale, f"{p}s")])
     if layer.form == "conv":
         out_channels, channels = layer.weight.shape[:2]
         per_block = conv_blocks(layer.weight.shape, block_size)
@@ -375,9 +444,17 @@ def _write(model, layers: list[_Layer], bits: dict[str, int], path: Path) -> Non
             nodes.append(node)
             continue
         version_nodes, initializers = layer.versions[bits[layer.name]]
+        if not version_nodes:
+            nodes.append(node)
+            continue
         graph.initializer.extend(initializers)
         rebuilt = onnx.NodeProto()
-        if layer.form == "conv":
+        if layer.form == "qlinear":
+            rebuilt.CopyFrom(node)
+            _requantize_bias(graph, rebuilt, layer.bias_input, initializers[1])
+            rebuilt.input[3], rebuilt.input[4] = version_nodes[0].output[0], initializers[1].name
+            nodes += [*version_nodes, rebuilt]
+        elif layer.form == "conv":
             rebuilt.CopyFrom(node)
             rebuilt.input[1] = version_nodes[-1].output[0]
             nodes += [*version_nodes, rebuilt]
@@ -394,3 +471,20 @@ def _write(model, layers: list[_Layer], bits: dict[str, int], path: Path) -> Non
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(out, str(path))
+
+
+def _requantize_bias(graph, node, position: int, new_scale) -> None:
+    """A QLinearConv's or QGemm's int32 bias (input `position`) is stored at x_scale * w_scale:
+    rescale it to the new weight scale (under its own name, added to `graph`) and point `node`
+    at it."""
+    from onnx import numpy_helper
+
+    if len(node.input) <= position or not node.input[position]:
+        return
+    initializers = {init.name: init for init in graph.initializer}
+    bias = numpy_helper.to_array(initializers[node.input[position]]).astype(np.float64)
+    old_scale = numpy_helper.to_array(initializers[node.input[4]]).astype(np.float64)
+    scaled = np.rint(bias * old_scale / numpy_helper.to_array(new_scale).astype(np.float64)).astype(np.int32)
+    name = f"{new_scale.name}b"
+    graph.initializer.append(numpy_helper.from_array(scaled, name))
+    node.input[position] = name
