@@ -237,6 +237,10 @@ def quantize_weights_4bit(fp32_path: Path, out_path: Path, calib_x: np.ndarray, 
         details["weights"] = "symmetric, MSE-optimal clipping, a float32 scale per output channel"
         details["runtime"] = ("QLinearConv/QGemm read Cast(int4 -> int8) weights, which onnxruntime folds when it "
                               "loads the file: INT8 kernels and speed, INT8 weight memory at run time")
+        details["kept_wider"].update({
+            node.name: "8-bit: w4a8 gives 4 bits to QLinearConv and QGemm (B transposed) weights only"
+            for node in model.graph.node if node.op_type in ("QGemm", "QLinearMatMul", "MatMulInteger")
+            and node.name not in details["layers"]})
     return details
 
 
