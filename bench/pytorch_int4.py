@@ -55,7 +55,8 @@ def layer_bits(details: dict) -> str:
     layers = details["layers"].values()
     four = [layer for layer in layers if layer["bits"] == 4]
     weights = sum(layer["weights"] for layer in layers)
-    return (f"scheme {details['scheme']}: {len(four)} of {len(layers)} layers 4-bit ({details['weights_at_4_bits']:.1%} of "
+    return (f"scheme {details['scheme']}: {len(four)} of {len(layers)} layers 4-bit "
+            f"({details['weights_at_4_bits']:.1%} of "
             f"{weights:,} weights); calibration agreement {details['calibration_agreement_with_fp32']:.0%}, "
             f"logit error {details['calibration_logit_error']:.3f}")
 

@@ -226,7 +226,8 @@ def test_mse_clipping_rounds_no_worse_than_the_largest_weight_scale():
     q, scale = ptq_int4.symmetric_quantize(groups, 4)
     error = ((q * scale[:, None] - groups) ** 2).sum(1)
     absmax_scale = np.abs(groups).max(1) / 7
-    absmax_error = ((np.clip(np.rint(groups / absmax_scale[:, None]), -8, 7) * absmax_scale[:, None] - groups) ** 2).sum(1)
+    absmax_q = np.clip(np.rint(groups / absmax_scale[:, None]), -8, 7)
+    absmax_error = ((absmax_q * absmax_scale[:, None] - groups) ** 2).sum(1)
     assert np.all(error <= absmax_error + 1e-9)
     assert error.sum() < 0.9 * absmax_error.sum()
     assert q.min() >= -8 and q.max() <= 7
