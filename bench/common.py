@@ -78,19 +78,20 @@ def targets(int8_speedup: float) -> dict:
 
 
 def bench_model(framework: str, label: str, model_path: Path, preset: Path, dataset_name: str,
-                preprocessing: dict | None, work_dir: Path, technique_targets: dict) -> dict:
-    """Every technique on the model at `model_path`, through the orchestrator (plan "all"), each
-    deploy file compared with the model's FP32 deploy file."""
+                preprocessing: dict | None, work_dir: Path, technique_targets: dict,
+                techniques=TECHNIQUES) -> dict:
+    """Each of `techniques` (default: all) on the model at `model_path`, through the orchestrator
+    (plan "all"), each deploy file compared with the model's FP32 deploy file."""
     config = {"seed": 0, **({"preprocessing": preprocessing} if preprocessing else {})}
     spec = ExperimentSpec(experiment_id=0, framework=framework, model_path=Path(model_path), dataset_path=preset,
                           dataset_name=dataset_name, target_device="rpi4", goal="balanced", constraints={},
-                          techniques=list(TECHNIQUES), output_dir=work_dir, config=config)
+                          techniques=list(techniques), output_dir=work_dir, config=config)
     sink = RecordingSink()
     run_experiment(spec, sink)
     baseline = {key: sink.baseline_metrics.get(key) for key in ("accuracy", "size_bytes", "latency_ms", "params", "macs")}
     print(f"[{label}] baseline {baseline}", flush=True)
     rows = []
-    for name in TECHNIQUES:
+    for name in techniques:
         run_row = sink.runs[name]
         if run_row["status"] != "completed":
             rows.append({"technique": name, "status": run_row["status"], "reason": run_row.get("error")})

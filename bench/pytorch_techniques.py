@@ -58,8 +58,8 @@ def notes(row: dict) -> str:
     """The one detail per technique a reader needs to judge its row."""
     details = row["details"]
     if row["technique"] == "ptq_int4":
-        layers = sum(len(v) for v in details["layers"].values())
-        return f"scheme {details['scheme']}: {layers} layers 4-bit, {len(details['kept_wider'])} kept INT8"
+        four = sum(layer["bits"] == 4 for layer in details["layers"].values())
+        return f"scheme {details['scheme']}: {four} layers 4-bit, {len(details['kept_wider'])} kept 8-bit"
     if row["technique"] == "prune_unstructured":
         return (f"sparsity {details['sparsity']:.0%}; gzip "
                 f"{details['compressed_size_bytes'] / 1e3:.0f} kB vs FP32 gzip "

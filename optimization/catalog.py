@@ -235,19 +235,31 @@ TECHNIQUE_LIST = (
         )),
     Technique(
         "ptq_int4", "Post-training INT4",
-        "4-bit weights where a fast kernel exists (fully connected), 8-bit elsewhere; no training.",
-        "seconds", post_training=True,
+        "4-bit weights with INT8 activations; the layers the model is most sensitive to stay 8-bit "
+        "(measured on the calibration samples); no training.",
+        "seconds to a minute (one calibration pass per layer while choosing the 8-bit ones)",
+        post_training=True,
         reports=("precision", "bits_per_layer", "float_layers"),
         at_best=lambda options: AtBest(1 / 8, 1 / 4, "4-bit weights: at best 8x smaller; the kernels "
                                        "are INT8-class: at best 4x faster"),
         options=(
-            Option("scheme", "choice", {"pytorch": "fc4_conv8", "tensorflow": "w4a8"},
-                   "which layers get 4-bit weights: w4a8 (4-bit fully connected and pointwise, "
-                   "int8 activations), fc4_conv8 (4-bit fully connected, 8-bit convolutions), "
-                   "all4 (every weight 4-bit: smallest, slower)",
-                   choices={"pytorch": ("fc4_conv8", "all4"), "tensorflow": ("w4a8", "fc4_conv8", "all4")}),
-            Option("block_size", "choice", 32, "weights sharing one 4-bit scale (MatMulNBits block)",
+            Option("scheme", "choice", "w4a8",
+                   "which layers get 4-bit weights: w4a8 (every layer 4-bit weights, int8 activations; "
+                   "PyTorch: convolutions too, their 4-bit weights cast to int8 when the runtime loads "
+                   "the file; TensorFlow: fully connected and pointwise layers), w4 (PyTorch: 4-bit "
+                   "weights, float activations), fc4_conv8 (4-bit fully connected, 8-bit convolutions), "
+                   "all4 (TensorFlow: every weight 4-bit: smallest, slower)",
+                   choices={"pytorch": ("w4a8", "w4", "fc4_conv8"), "tensorflow": ("w4a8", "fc4_conv8", "all4")}),
+            Option("block_size", "choice", 64, "weights sharing one 4-bit scale (w4 and MatMulNBits blocks)",
                    choices=(16, 32, 64, 128, 256), frameworks=("pytorch",)),
+            Option("min_agreement", "float", 0.99, "top-1 agreement with the FP32 model on the calibration "
+                   "samples below which the most sensitive layer goes back to 8 bits",
+                   minimum=0.5, maximum=1.0, frameworks=("pytorch",)),
+            Option("max_logit_error", "float", 0.05, "mean squared logit change (relative to the FP32 "
+                   "logits' mean square) above which the most sensitive layer goes back to 8 bits",
+                   minimum=0.0, maximum=1.0, frameworks=("pytorch",)),
+            Option("accuracy_level", "choice", 4, "MatMulNBits compute precision (onnxruntime: 0 unset, "
+                   "1 fp32, 2 fp16, 3 bf16, 4 int8)", choices=(0, 1, 2, 3, 4), frameworks=("pytorch",)),
             INT8_FORMAT, only(WEIGHT_GRANULARITY, "pytorch"),
         )),
     Technique(

@@ -89,8 +89,11 @@ def test_an_option_of_the_other_framework_is_refused_with_the_options_of_this_on
 
 def test_choices_differ_by_framework_where_the_runtimes_differ():
     assert validate_options("ptq_int4", "tensorflow", {})["scheme"] == "w4a8"
-    with pytest.raises(OptionError, match="fc4_conv8, all4"):
-        validate_options("ptq_int4", "pytorch", {"scheme": "w4a8"})
+    assert validate_options("ptq_int4", "pytorch", {"scheme": "w4"})["scheme"] == "w4"
+    with pytest.raises(OptionError, match="w4a8, w4, fc4_conv8"):
+        validate_options("ptq_int4", "pytorch", {"scheme": "all4"})
+    with pytest.raises(OptionError, match="w4a8, fc4_conv8, all4"):
+        validate_options("ptq_int4", "tensorflow", {"scheme": "w4"})
 
 
 def test_result_fields_are_typed():

@@ -93,11 +93,11 @@ def test_quantized_file_is_a_fraction_of_the_fp32_onnx(name, max_fraction, run, 
     assert os.path.getsize(run(name).artifacts["deploy"]) <= max_fraction * baseline["size"]
 
 
-def test_int4_all4_scheme_is_smaller_than_fc4_conv8_and_reports_the_wider_layers(run):
-    default, all4 = run("ptq_int4"), run("ptq_int4", scheme="all4")
-    assert os.path.getsize(all4.artifacts["deploy"]) < os.path.getsize(default.artifacts["deploy"])
-    assert default.details["layers"]["4-bit MatMulNBits"]
-    assert all("INT8" in why for why in default.details["kept_wider"].values())
+def test_int4_default_is_smaller_than_the_fc4_conv8_scheme_which_keeps_convolutions_int8(run):
+    default, fc4_conv8 = run("ptq_int4"), run("ptq_int4", scheme="fc4_conv8")
+    assert os.path.getsize(default.artifacts["deploy"]) < os.path.getsize(fc4_conv8.artifacts["deploy"])
+    assert {layer["op"] for layer in fc4_conv8.details["layers"].values()} == {"MatMulNBits"}
+    assert fc4_conv8.details["kept_wider"] and all("8-bit" in why for why in fc4_conv8.details["kept_wider"].values())
 
 
 def operators(path) -> set[str]:

@@ -122,17 +122,17 @@ def int8_options(options: dict) -> dict:
     return {"quant_format": options["format"], "weight_granularity": options["weight_granularity"]}
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_bits: int = 8,
+def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray,
                   op_types: list[str] | None = None, quant_format: str = "qoperator",
                   weight_granularity: str = "auto") -> dict:
-    """Static quantization in onnxruntime: signed symmetric weights (8 or 4 bits), unsigned 8-bit
+    """Static quantization in onnxruntime: signed symmetric 8-bit weights, unsigned 8-bit
     activations calibrated (MinMax) on `calib_x`. `op_types` limits which operators are quantized
     (None: all the quantizer supports). Returns what was chosen, for the run's details.
 
     quant_format "qoperator" writes onnxruntime's QLinearConv/QGemm operators: the int32 bias needs no
     scale or zero point of its own and no Quantize/DequantizeLinear pairs are stored, so the file
     is smaller than QDQ (~12% on MobileNetV2) and runs the same INT8 kernels; "qdq" is the
-    portable form other runtimes read. 4-bit weights exist only as QDQ.
+    portable form other runtimes read.
 
     weight_granularity "auto" quantizes per-channel and per-tensor and keeps per-tensor (one
     scale per layer instead of one per output channel, which on a narrow network such as
@@ -140,12 +140,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_b
     model's on the calibration samples at least as often as per-channel's do."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if weight_bits != 8:
-        quant_format, weight_granularity = "qdq", "per_channel"
     prepared = out_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     try:
-        quantize = functools.partial(_quantize_static, prepared, calib_x, weight_bits, op_types, quant_format)
+        quantize = functools.partial(_quantize_static, prepared, calib_x, op_types, quant_format)
         if weight_granularity != "auto":
             quantize(weight_granularity == "per_channel", out_path)
             chosen = {"weight_granularity": weight_granularity}
@@ -153,10 +151,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_b
             chosen = _choose_granularity(fp32_path, out_path, calib_x, quantize)
     finally:
         prepared.unlink(missing_ok=True)
-    return {"format": quant_format, "weight_bits": weight_bits, **chosen}
+    return {"format": quant_format, "weight_bits": 8, **chosen}
 
 
-def _quantize_static(prepared: Path, calib_x: np.ndarray, weight_bits: int, op_types: list[str] | None,
+def _quantize_static(prepared: Path, calib_x: np.ndarray, op_types: list[str] | None,
                      quant_format: str, per_channel: bool, out_path: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -169,7 +167,7 @@ def _quantize_static(prepared: Path, calib_x: np.ndarray, weight_bits: int, op_t
             str(prepared), str(partial), _ArrayReader(model_input.name, calib_x, fixed),
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
+            weight_type=QuantType.QInt8,
             op_types_to_quantize=op_types,
         )
         # the pre-processing's shape annotations only help the quantizer; onnxruntime infers
