@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from optimization.backends import pytorch as backend  # noqa: E402
 from optimization.catalog import OptionError  # noqa: E402
-from optimization.base import TechniqueConfig, TechniqueNotApplicable  # noqa: E402
+from optimization.base import TechniqueConfig  # noqa: E402
 from optimization.datasets import load_digits_preset  # noqa: E402
 from optimization.evaluator import accuracy  # noqa: E402
 from optimization.graph import load_graph  # noqa: E402
