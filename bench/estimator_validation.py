@@ -49,6 +49,7 @@ PRIORS = {
     "log_bandwidth_fraction": (math.log(0.3), 0.5),
     "log_output_cost_macs": (math.log(8.0), 1.5),
     "int8_thread_scaling": (0.0, 1.0),
+    "log_roofline_sharpness": (math.log(4.0), 1.0),
     "log_int8_elementwise_cycles": (math.log(2.0), 1.5),
 }
 PRIOR_PREFIXES = {"int8_gain:": (0.0, 0.3), "int8_kind:": (0.0, 0.7), "int8_runtime_kind:": (0.0, 0.25),
@@ -325,6 +326,7 @@ def readable(parameters: dict) -> dict:
     out["int8_thread_scaling"] = round(1 / (1 + math.exp(-parameters["thread_scaling_logit"]
                                                          - parameters["int8_thread_scaling"])), 3)
     out["int8_elementwise_cycles"] = round(math.exp(parameters["log_int8_elementwise_cycles"]), 2)
+    out["roofline_sharpness"] = round(math.exp(parameters["log_roofline_sharpness"]), 2)
     return out
 
 

@@ -5,7 +5,7 @@ The model, per fused kernel of the op graph (optimization.graph):
     compute = (MACs + output_cost * output elements)
               / (cores_eff(threads) * clock * peak MACs/cycle[precision] * efficiency)
     memory  = (input + output activation bytes + weight bytes) / (bandwidth * bandwidth_fraction)
-    latency = sum over kernels of max(compute, memory) + kernels * per-op overhead
+    latency = sum over kernels of softmax_p(compute, memory) + kernels * per-op overhead
 
     efficiency = exp(runtime_fp32[runtime] + kind[kernel class] + uarch[core]
                      (+ int8_shared + int8_gain[runtime] + int8_kind[kernel class]
@@ -19,6 +19,7 @@ widening and requantizing. A 1x1 convolution (a plain GEMM) is the reference cla
 little int8 data keeps the shared per-class gain.
     cores_eff(threads) = 1 + (threads - 1) * thread_scaling[fp32 or int8]
     int8 elementwise kernels also pay int8_elementwise_cycles per output element (requantizing)
+    softmax_p(a, b) = (a^p + b^p)^(1/p), p = roofline_sharpness (p -> infinity is the max)
 
 Peak MACs/cycle, clock, cores and bandwidth come from `devices/profiles.json`; the
 efficiencies, thread scaling, overhead and bandwidth fraction are fitted by
@@ -65,7 +66,7 @@ def parameter_names() -> list[str]:
             + [f"kind:{k}" for k in FITTED_KINDS]
             + [f"uarch:{u}" for u in uarchs]
             + ["thread_scaling_logit", "int8_thread_scaling", "log_op_overhead_s", "log_bandwidth_fraction",
-               "log_output_cost_macs", "log_int8_elementwise_cycles"])
+               "log_output_cost_macs", "log_int8_elementwise_cycles", "log_roofline_sharpness"])
 
 
 @lru_cache(maxsize=None)
@@ -165,7 +166,11 @@ def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, pa
     bandwidth = profile["memory_bandwidth_gbps"] * 1e9 * math.exp(parameters["log_bandwidth_fraction"])
     memory = table["bytes"] / bandwidth
     overhead = math.exp(parameters["log_op_overhead_s"])
-    return float(np.maximum(compute, memory).sum() + overhead * len(table["macs"]))
+    # a soft maximum: a kernel near the ridge point neither fully overlaps its loads with its
+    # arithmetic nor fully serialises them
+    sharpness = math.exp(parameters["log_roofline_sharpness"])
+    both = (compute ** sharpness + memory ** sharpness) ** (1.0 / sharpness)
+    return float(both.sum() + overhead * len(table["macs"]))
 
 
 def estimate(path_or_graph, device: str, runtime: str | None = None, precision: str | None = None,
@@ -194,7 +199,7 @@ def estimate(path_or_graph, device: str, runtime: str | None = None, precision: 
     calibrated = fitted.get("calibrated", {})
     halfwidth = fitted["interval_log_halfwidth"]
     assumptions = [
-        f"latency = sum over {len(graph.ops)} fused kernels of max(compute, memory) + per-op overhead; "
+        f"latency = sum over {len(graph.ops)} fused kernels of a soft max(compute, memory) + per-op overhead; "
         f"efficiencies fitted to {fitted['points_used']} published Raspberry Pi measurements "
         "(devices/calibration.json)",
         f"{profile['name']}: {profile['cores']} x {profile['cpu'].split('x ')[-1]} at {profile['clock_ghz']} GHz, "
