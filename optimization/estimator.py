@@ -224,6 +224,19 @@ def estimate(path_or_graph, device: str, runtime: str | None = None, precision: 
             f"int8 on {profile['microarchitecture']} uses the dot-product (SDOT) peak, 4x fp32; the fraction of it "
             f"reached is the fitted one, as no published {runtime} int8 measurement on this core is in the "
             "calibration set")
+    if precision in ("int8", "int4"):
+        per_cycle = profile["macs_per_cycle_per_core"]
+        int8_peak = per_cycle.get("int8_dotprod", per_cycle["int8"]) if runtime_info["uses_dotprod"] else per_cycle["int8"]
+        int8_base = parameters["int8_shared"] + parameters[f"int8_gain:{runtime}"]
+        speedups = {label: int8_peak / per_cycle["fp32"] * math.exp(
+            int8_base + parameters.get(f"int8_kind:{kind}", 0.0) + parameters.get(f"int8_runtime_kind:{runtime}:{kind}", 0.0))
+            for kind, label in (("conv", "3x3 conv"), ("depthwise", "depthwise"), ("conv1x1", "1x1 conv"),
+                                ("fc", "fully connected"))}
+        assumptions.append(
+            f"int8 speed-up of a compute-bound kernel over fp32 on {runtime}, fitted per kernel class: "
+            + ", ".join(f"{label} {gain:.2f}x" for label, gain in speedups.items())
+            + "; memory-bound kernels gain from the 4x smaller activations instead, and int8 elementwise kernels "
+            "pay a fitted requantization cost per element")
     if precision == "int4":
         assumptions.append("int4: weights stored at 4 bits, unpacked to int8 for compute (no int4 MAC kernels on "
                            "these CPUs); no published Pi int4 measurement exists, so its speed is the int8 fit")
