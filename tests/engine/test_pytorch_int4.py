@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from optimization.backends import pytorch as backend  # noqa: E402
-from optimization.catalog import OptionError  # noqa: E402
+from optimization.catalog import OptionError, validate_options  # noqa: E402
 from optimization.base import TechniqueConfig  # noqa: E402
 from optimization.datasets import load_digits_preset  # noqa: E402
 from optimization.evaluator import accuracy  # noqa: E402
@@ -209,7 +209,7 @@ def test_matmulnbits_computes_the_product_with_the_dequantized_weights(tmp_path)
     path = backend.export_onnx(module, (40,), tmp_path / "fc.onnx")
     x = np.random.default_rng(0).normal(size=(5, 40)).astype(np.float32)
     out = tmp_path / "fc4.onnx"
-    ptq_int4.quantize_weights_4bit(path, out, x, {**ptq_int4.Technique.defaults, "block_size": 32,
+    ptq_int4.quantize_weights_4bit(path, out, x, {**validate_options("ptq_int4", "pytorch", {}), "block_size": 32,
                                                   "min_agreement": 0.0, "max_logit_error": 1e9, "accuracy_level": 0})
 
     weight = module[1].weight.detach().numpy().T  # [K, N]
@@ -241,7 +241,7 @@ def test_layers_go_back_to_8_bits_most_sensitive_first_until_the_agreement_holds
     fp32 = backend.BACKEND.export_deploy(convnet, tmp_path / "fp32.onnx")
     noise = np.random.default_rng(0).uniform(0, 1, size=(128, *digits.input_shape)).astype(np.float32)
     details = ptq_int4.quantize_weights_4bit(fp32, tmp_path / "int4.onnx", noise,
-                                             {**ptq_int4.Technique.defaults, "min_agreement": 1.0})
+                                             {**validate_options("ptq_int4", "pytorch", {}), "min_agreement": 1.0})
     kept, layers = details["kept_wider"], details["layers"]
     assert kept, "all-4-bit weights met the target on every noise sample: the test needs a harder input"
     assert all("missed the target" in why for why in kept.values())
