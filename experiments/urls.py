@@ -23,4 +23,6 @@ urlpatterns = [
     # <path:> so that any technique text, slashes included, reaches the view's check.
     path("api/experiments/<int:experiment_id>/download/<path:technique>", api.experiment_download,
          name="api-download"),
+    path("api/experiments/<int:experiment_id>/bundle/<path:technique>", api.experiment_bundle,
+         name="api-bundle"),
 ]

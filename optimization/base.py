@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 FRAMEWORKS = ("pytorch", "tensorflow")
+# the array layout each framework's models take (and its datasets are loaded in)
+LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 TECHNIQUES = (
     "ptq_int8",
     "ptq_int4",
