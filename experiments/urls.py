@@ -8,7 +8,10 @@ urlpatterns = [
     # pages
     path("", views.setup, name="setup"),
     path("experiments/<int:experiment_id>/", views.monitor, name="monitor"),
+    path("experiments/", views.experiment_list, name="list"),
     path("experiments/<int:experiment_id>/stop", views.stop, name="stop"),
+    path("experiments/<int:experiment_id>/rerun", views.rerun, name="rerun"),
+    path("experiments/<int:experiment_id>/resume", views.resume, name="resume"),
     path("experiments/<int:experiment_id>/results/", views.results, name="results"),
     # JSON API
     path("api/experiments", api.experiment_list, name="api-list"),

@@ -14,12 +14,12 @@ SETUP = {"name": "from the page", "framework": "pytorch", "target_device": "rpi5
          "epochs": "1"}
 
 
-def test_setup_page_lists_presets_pretrained_models_and_past_experiments(anonymous, ready_experiment):
+def test_setup_page_lists_presets_and_pretrained_models_and_links_past_experiments(anonymous, ready_experiment):
     page = anonymous.get("/").content.decode()
 
     assert 'value="digits"' in page
     assert 'value="digits_cnn"' in page
-    assert ready_experiment.name in page
+    assert 'href="/experiments/"' in page
     assert "hx-ws" in page, "htmx's ws extension is loaded"
     assert "X-CSRFToken" in page
 
@@ -75,7 +75,7 @@ def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(anony
 
     assert f'ws-connect="/ws/experiments/{ready_experiment.pk}?format=html"' in page
     assert 'id="progress-panel"' in page
-    assert page.count('class="bar-row technique') == 7
+    assert page.count('class="bar-row technique') == 8, "the baseline and seven techniques"
     assert "Stop" in page
 
 
@@ -94,12 +94,13 @@ def test_results_page_shows_runs_estimates_constraints_recommendation_and_downlo
         anonymous, finished_experiment):
     page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
-    assert "Recommendation: ptq_int8" in page
+    assert "Recommended: ptq_int8" in page
     assert "3.6x smaller" in page
     assert "estimated" in page
     assert "max_accuracy_drop ≤ 1.0: pass" in page
     assert f"/api/experiments/{finished_experiment.pk}/download/ptq_int8?format=native" in page
-    assert "baseline (FP32)" in page
+    assert f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8" in page
+    assert "int8 ONNX (deploy)" in page and "float .pt2 (native)" in page
 
 
 def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonymous, finished_experiment):
@@ -126,21 +127,30 @@ def test_monitor_of_unknown_experiment_is_404(anonymous):
     assert anonymous.get("/experiments/99999/").status_code == 404
 
 
-def test_chart_marks_only_undominated_results_as_the_pareto_front():
-    from experiments.models import OptimizationRun
-    from experiments.views import accuracy_size_chart
+def test_chart_marks_only_undominated_results_as_the_pareto_front_on_each_axis():
+    from experiments.presenters import chart_data
 
-    runs = [OptimizationRun(technique="ptq_int8", status="completed", accuracy=0.94, size_bytes=1100),
-            OptimizationRun(technique="prune_structured", status="completed", accuracy=0.90, size_bytes=3000),
-            OptimizationRun(technique="qat", status="failed")]
+    runs = [{"technique": "ptq_int8", "status": "completed", "accuracy": 0.94, "size_bytes": 1100, "latency_ms": 0.4,
+             "estimates": {"latency_ms": 2.0, "energy_mj": 1.0}},
+            {"technique": "prune_structured", "status": "completed", "accuracy": 0.90, "size_bytes": 3000,
+             "latency_ms": 0.1, "estimates": {"latency_ms": 1.0, "energy_mj": 0.5}},
+            {"technique": "qat", "status": "failed"}]
+    baseline = {"accuracy": 0.95, "size_bytes": 4000, "latency_ms": 0.5, "estimates": {"latency_ms": 3.0, "energy_mj": 2.0}}
 
-    chart = accuracy_size_chart({"accuracy": 0.95, "size_bytes": 4000}, runs)
+    chart = chart_data(baseline, runs, {"max_size_mb": 1, "max_accuracy_drop": 2.0}, "ptq_int8")
 
-    front = {p["label"]: p["front"] for p in chart["points"]}
-    assert front == {"baseline": True, "ptq_int8": True, "prune_structured": False}
+    assert chart["fronts"]["size"] == ["ptq_int8", "baseline"]
+    assert chart["fronts"]["host_latency"] == ["prune_structured", "ptq_int8", "baseline"]
+    assert [p["label"] for p in chart["points"]] == ["baseline", "ptq_int8", "prune_structured"]
+    assert chart["limits"] == {"size": 1024.0, "accuracy": 93.0}
+    assert chart["recommended"] == "ptq_int8"
 
 
-def test_results_page_draws_the_chart(anonymous, finished_experiment):
+def test_results_page_draws_the_chart_with_the_vendored_library_and_an_axis_selector(anonymous, finished_experiment):
     page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
-    assert "<svg" in page and 'class="front"' in page
+    assert 'id="chart-data"' in page and 'id="results-chart"' in page
+    assert "vendor/chartjs/chart.umd.min.js" in page
+    for axis in ("Download size (KB)", "Host latency, measured (ms)", "Device latency, estimated (ms)",
+                 "Energy per inference, estimated (mJ)"):
+        assert axis in page
