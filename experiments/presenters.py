@@ -35,15 +35,19 @@ def wilson_interval(accuracy: float | None, n: int | None) -> tuple[float, float
 
 
 def accuracy_samples(metrics: dict) -> int | None:
-    """How many test samples the accuracy was measured on, when the row says."""
-    for key in ("accuracy_n", "test_samples", "n"):
-        if metrics.get(key):
-            return int(metrics[key])
+    """How many test samples the accuracy was measured on, when the row (or its details) says."""
+    for source in (metrics, metrics.get("details") or {}):
+        for key in ("accuracy_n", "test_samples"):
+            if source.get(key):
+                return int(source[key])
     return None
 
 
 def latency_range(metrics: dict) -> tuple[float, float] | None:
-    low, high = metrics.get("latency_ms_low"), metrics.get("latency_ms_high")
+    """The spread of repeated timing blocks, where the row (or its details) has it."""
+    details = metrics.get("details") or {}
+    low = metrics.get("latency_ms_low", details.get("latency_ms_low"))
+    high = metrics.get("latency_ms_high", details.get("latency_ms_high"))
     return (float(low), float(high)) if low is not None and high is not None else None
 
 

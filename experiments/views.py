@@ -159,7 +159,7 @@ def _constraint_checks(experiment: Experiment, run: OptimizationRun) -> list[dic
 def _result_row(experiment: Experiment, run: OptimizationRun, baseline: dict, files: dict) -> dict:
     data = run.to_dict()
     sentences, other_details = presenters.describe_details(run.details)
-    samples = presenters.accuracy_samples(run.details) or presenters.accuracy_samples(baseline)
+    samples = presenters.accuracy_samples(data) or presenters.accuracy_samples(baseline)
     downloads = [{"kind": kind, "label": presenters.download_label(kind, stored.format, run.details),
                   "size": stored.size_bytes} for kind, stored in sorted(files.items())]
     return {

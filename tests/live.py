@@ -111,8 +111,8 @@ def _decode(resp):
 
 
 @contextmanager
-def running_stack(storage_root: Path, log_dir: Path):
-    """Daphne + qcluster on the test database; both killed on exit."""
+def running_stack(storage_root: Path, log_dir: Path, env: dict | None = None):
+    """Daphne + qcluster on the test database; both killed on exit. `env`: more settings."""
     port = free_port()
     env = {
         **os.environ,
@@ -121,6 +121,7 @@ def running_stack(storage_root: Path, log_dir: Path):
         "DJANGO_SETTINGS_MODULE": "edgeopt_site.settings",
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
     commands = {

@@ -154,3 +154,190 @@ def test_results_page_draws_the_chart_with_the_vendored_library_and_an_axis_sele
     for axis in ("Download size (KB)", "Host latency, measured (ms)", "Device latency, estimated (ms)",
                  "Energy per inference, estimated (mJ)"):
         assert axis in page
+
+
+# -- the experiments list, run again, resume ------------------------------------------------------
+
+
+def stopped_experiment(ready_experiment):
+    """ptq_int8 finished, qat stopped by the user, the rest never started."""
+    from experiments.sink import DjangoSink
+
+    experiment = ready_experiment
+    experiment.enqueue()
+    experiment.mark_running()
+    sink = DjangoSink(experiment)
+    sink.output_dir.mkdir(parents=True)
+    (sink.output_dir / "ptq_int8.onnx").write_bytes(b"\x08\x07onnx")
+    sink.baseline({"accuracy": 0.95, "size_bytes": 4000, "latency_ms": 0.05, "estimates": {}})
+    sink.run_started("ptq_int8")
+    sink.run_finished("ptq_int8", {"status": "completed", "accuracy": 0.94, "accuracy_drop": 1.0, "size_bytes": 1100,
+                                   "compression_ratio": 3.6, "latency_ms": 0.03, "speedup": 1.7, "details": {"bits": 8},
+                                   "artifacts": {"deploy": sink.output_dir / "ptq_int8.onnx"}})
+    sink.run_started("qat")
+    sink.run_finished("qat", {"status": "stopped", "error": "stopped by the user"})
+    experiment.refresh_from_db()
+    experiment.finish(Experiment.Status.STOPPED)
+    return experiment
+
+
+def test_experiments_list_shows_status_model_best_result_when_and_actions(anonymous, finished_experiment):
+    page = anonymous.get("/experiments/").content.decode()
+
+    assert finished_experiment.name in page
+    assert "completed" in page and "digits_cnn.pt" in page
+    assert "ptq_int8: 94.00%, 3.60× smaller" in page
+    assert f'action="/experiments/{finished_experiment.pk}/rerun"' in page
+    assert f'action="/experiments/{finished_experiment.pk}/resume"' not in page, "nothing to resume"
+
+
+def test_run_again_makes_a_new_experiment_with_the_same_settings_and_starts_it(
+        anonymous, finished_experiment, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        response = anonymous.post(f"/experiments/{finished_experiment.pk}/rerun")
+
+    clone = Experiment.objects.exclude(pk=finished_experiment.pk).get()
+    assert response.status_code == 302 and response["Location"] == f"/experiments/{clone.pk}/"
+    assert clone.status == "queued"
+    for name in ("name", "framework", "target_device", "dataset", "goal", "constraints", "techniques", "config"):
+        assert getattr(clone, name) == getattr(finished_experiment, name)
+    assert clone.source_model().path == finished_experiment.source_model().path, "a pretrained model is shared"
+    assert finished_experiment.runs.count() == 1, "the original keeps its results"
+
+
+def test_run_again_copies_an_uploaded_model_so_each_experiment_owns_its_file(anonymous, model_files, storage_root):
+    from experiments import services
+
+    anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+    original = Experiment.objects.get()
+    Experiment.objects.filter(pk=original.pk).update(status="stopped")
+
+    anonymous.post(f"/experiments/{original.pk}/rerun")
+
+    clone = Experiment.objects.exclude(pk=original.pk).get()
+    assert clone.source_model().path != original.source_model().path
+    assert clone.source_model().absolute_path().read_bytes() == model_files["pt"].read_bytes()
+    services.delete_experiment(Experiment.objects.get(pk=original.pk))
+    assert clone.source_model().absolute_path().is_file(), "deleting one experiment keeps the other's model"
+
+
+def test_resume_keeps_finished_runs_and_queues_the_rest(anonymous, ready_experiment, django_capture_on_commit_callbacks):
+    experiment = stopped_experiment(ready_experiment)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = anonymous.post(f"/experiments/{experiment.pk}/resume")
+
+    experiment.refresh_from_db()
+    assert response.status_code == 302 and experiment.status == "queued"
+    assert list(experiment.runs.values_list("technique", "status")) == [("ptq_int8", "completed")]
+    assert experiment.files.filter(technique="ptq_int8").exists()
+    assert experiment.baseline["accuracy"] == 0.95
+    assert OrmQ.objects.count() == 1
+
+
+def test_resume_of_a_completed_experiment_says_why_not(anonymous, finished_experiment):
+    response = anonymous.post(f"/experiments/{finished_experiment.pk}/resume", follow=True)
+
+    assert "Could not resume" in response.content.decode()
+    finished_experiment.refresh_from_db()
+    assert finished_experiment.status == "completed"
+
+
+# -- stopped and failed runs read well -------------------------------------------------------------
+
+
+def test_a_stopped_experiment_has_no_pending_rows_no_zero_bytes_and_says_what_did_not_run(
+        anonymous, ready_experiment):
+    experiment = stopped_experiment(ready_experiment)
+
+    results = anonymous.get(f"/experiments/{experiment.pk}/results/").content.decode()
+    monitor = anonymous.get(f"/experiments/{experiment.pk}/").content.decode()
+
+    assert "pending" not in results and "0 bytes" not in results
+    assert "Not run: ptq_int4, prune_unstructured, prune_structured, distillation, hybrid" in results
+    assert f'action="/experiments/{experiment.pk}/resume"' in results
+    assert "pending" not in monitor and monitor.count("not run") == 5
+
+
+def test_a_failed_experiment_shows_its_error_once_without_the_exception_name(anonymous, ready_experiment):
+    ready_experiment.enqueue()
+    ready_experiment.mark_running()
+    ready_experiment.finish(Experiment.Status.FAILED, error="ValueError: the model expects inputs of shape [1, 28, 28]")
+
+    for url in (f"/experiments/{ready_experiment.pk}/", f"/experiments/{ready_experiment.pk}/results/"):
+        page = anonymous.get(url).content.decode()
+        assert page.count("the model expects inputs of shape") == 1, url
+        assert "ValueError" not in page
+
+
+def test_a_recommendation_that_meets_nothing_is_a_warning_in_parts_not_a_green_heading(
+        anonymous, finished_experiment):
+    from experiments.models import Recommendation
+
+    Recommendation.objects.filter(experiment=finished_experiment).update(
+        satisfied=False, reasoning="Goal: balanced. No technique meets every constraint. ptq_int8 comes closest: "
+                                   "3.6x smaller, but max_size_mb is 1.1 MB over 1.0 MB. qat: failed.")
+
+    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+
+    assert "Recommended:" not in page
+    assert "No technique meets every constraint</h2>" in page and 'class="recommendation warn"' in page
+    assert "<li>ptq_int8 comes closest: 3.6x smaller, but max_size_mb is 1.1 MB over 1.0 MB.</li>" in page
+
+
+# -- the results page says what each run did, with spreads ------------------------------------------
+
+
+def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(anonymous, finished_experiment):
+    from experiments.models import OptimizationRun
+
+    OptimizationRun.objects.filter(experiment=finished_experiment, technique="ptq_int8").update(
+        latency_ms=0.045, speedup=1.11,
+        details={"bits": 8, "calibration_samples": 128, "kept_wider": {"fc": "too few weights to gain"},
+                 "native": "FP32 .pt2: the quantized model exists only as ONNX",
+                 "latency_ms_low": 0.043, "latency_ms_high": 0.052,
+                 "analysis": {"layers": [{"name": "fc_quant", "type": "fc", "params": 650, "macs": 640,
+                                          "precision": "int8"}]}})
+    finished_experiment.baseline = {**finished_experiment.baseline, "latency_ms": 0.05, "latency_ms_low": 0.048,
+                                    "latency_ms_high": 0.06, "accuracy_n": 359}
+    finished_experiment.analysis = {"layers": [{"name": "fc", "type": "fc", "params": 650, "macs": 640,
+                                                "precision": "fp32"}]}
+    finished_experiment.save()
+
+    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/?layers=ptq_int8").content.decode()
+
+    assert "Weights stored in 8 bits." in page
+    assert "Ranges calibrated on 128 training samples." in page
+    assert "1 layer kept at higher precision: too few weights to gain." in page
+    assert "45.0 µs" in page and "50.0 µs" in page, "microsecond latencies in µs, three digits"
+    assert "(359 samples; ± is a 95% interval)" in page and "91.0%–96.0%" in page
+    assert "within noise" in page, "the latency ranges overlap"
+    assert "fc_quant" in page and "Layers of ptq_int8" in page, "the selected run's layers beside the baseline's"
+    assert "Ranking scores" in page
+
+
+def test_two_results_side_by_side(anonymous, finished_experiment):
+    from experiments.sink import DjangoSink
+
+    sink = DjangoSink(finished_experiment)
+    sink.run_finished("qat", {"status": "completed", "accuracy": 0.96, "accuracy_drop": -1.0, "size_bytes": 1200,
+                              "compression_ratio": 3.3, "latency_ms": 0.31, "speedup": 1.6, "details": {"epochs": 2}})
+
+    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/?compare=qat&compare=ptq_int8").content.decode()
+
+    assert "Compare two results" in page
+    assert "<th scope=\"col\">qat</th><th scope=\"col\">ptq_int8</th>" in page
+    assert "Fine-tuned for 2 epochs." in page
+
+
+def test_number_formats_and_intervals():
+    from experiments.presenters import reasoning_parts, wilson_interval
+    from experiments.templatetags.edgeopt import duration_ms, plain_error, size_bytes
+
+    assert duration_ms(0.0453) == "45.3 µs" and duration_ms(3.2) == "3.20 ms" and duration_ms(1520) == "1.52 s"
+    assert size_bytes(None) == "—" and size_bytes(368640) == "360 KB"
+    assert plain_error("ValueError: bad shape") == "bad shape"
+    low, high = wilson_interval(0.5, 100)
+    assert round(low, 3) == 0.404 and round(high, 3) == 0.596
+    assert reasoning_parts("Goal: smallest. Ranked by size. ptq_int4 is recommended: 6.2x smaller.") == [
+        "Goal: smallest.", "Ranked by size.", "ptq_int4 is recommended: 6.2x smaller."]

@@ -12,14 +12,15 @@ EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Stopp
 
 
 def _significant(value: float, digits: int = 3) -> str:
-    text = f"{value:.{digits}g}"
-    return f"{float(text):,.0f}" if "e" in text else text
+    """3 significant digits, trailing zeros kept (45.0, 3.20), no exponent (12,300)."""
+    text = f"{value:#.{digits}g}"
+    return f"{float(text):,.0f}" if "e" in text else text.rstrip(".")
 
 
 @register.filter
 def duration_ms(value) -> str:
     """0.045 -> "45.0 µs", 3.2 -> "3.20 ms", 1520 -> "1.52 s"; three significant digits."""
-    if value is None:
+    if value in (None, ""):  # "" is what a template gives for a missing value
         return DASH
     value = float(value)
     if value < 1:
@@ -56,7 +57,7 @@ def count(value) -> str:
 @register.filter
 def percent(value, digits: int = 2) -> str:
     """0.9861 -> "98.61%"."""
-    if value is None:
+    if value in (None, ""):  # "" is what a template gives for a missing value
         return DASH
     return f"{float(value) * 100:.{int(digits)}f}%"
 
@@ -64,7 +65,7 @@ def percent(value, digits: int = 2) -> str:
 @register.filter
 def times(value) -> str:
     """A ratio: 3.62 -> "3.62×"."""
-    if value is None:
+    if value in (None, ""):  # "" is what a template gives for a missing value
         return DASH
     return f"{float(value):.2f}×"
 
