@@ -43,6 +43,18 @@ def accuracy_samples(metrics: dict) -> int | None:
     return None
 
 
+def accuracy_interval(metrics: dict, samples: int | None = None) -> tuple[float, float] | None:
+    """The row's 95% interval (the evaluator stores it), else Wilson's from the sample count."""
+    if metrics.get("accuracy_low") is not None and metrics.get("accuracy_high") is not None:
+        return float(metrics["accuracy_low"]), float(metrics["accuracy_high"])
+    return wilson_interval(metrics.get("accuracy"), samples or accuracy_samples(metrics))
+
+
+def speedup_range(metrics: dict) -> tuple[float, float] | None:
+    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
+    return (float(low), float(high)) if low is not None and high is not None else None
+
+
 def latency_range(metrics: dict) -> tuple[float, float] | None:
     """The spread of repeated timing blocks, where the row (or its details) has it."""
     details = metrics.get("details") or {}
@@ -52,7 +64,10 @@ def latency_range(metrics: dict) -> tuple[float, float] | None:
 
 
 def speedup_within_noise(run: dict, baseline: dict) -> bool:
-    """True when the run's latency range overlaps the baseline's: the speedup may be noise."""
+    """The evaluator's verdict (paired timings whose speedup range includes 1) when the row
+    has it; else whether the run's latency range overlaps the baseline's."""
+    if run.get("speedup_within_noise") is not None:
+        return bool(run["speedup_within_noise"])
     ours, theirs = latency_range(run), latency_range(baseline)
     return bool(ours and theirs and ours[0] <= theirs[1] and theirs[0] <= ours[1])
 

@@ -131,7 +131,7 @@ class DjangoSink:
             OptimizationRun.objects.update_or_create(
                 experiment=self.experiment, technique=technique,
                 defaults={**fields, "status": run.get("status") or OptimizationRun.Status.COMPLETED,
-                          "error": run.get("error") or "", "finished_at": timezone.now()},
+                          "error": storage.public_error(run.get("error") or ""), "finished_at": timezone.now()},
             )
             self.experiment.files.filter(role=ModelFile.Role.OPTIMIZED, technique=technique).delete()
             self._record_artifacts(ModelFile.Role.OPTIMIZED, technique, artifacts)

@@ -1,9 +1,11 @@
 """The HTMX pages: setup, the experiments list, monitor, results. Thin: the work is in
 services, the state in the models, the wording in presenters; the monitor's live part is one
-partial that the WebSocket re-renders."""
+partial that the WebSocket re-renders. Every page needs a login, and shows only the user's
+own experiments (another's is a 404)."""
 from __future__ import annotations
 
 from django.contrib import messages
+from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -72,6 +74,7 @@ def render_progress(experiment: Experiment) -> str:
     return render_to_string(PROGRESS_PARTIAL, progress_context(experiment, live=True))
 
 
+@login_required
 @require_http_methods(["GET", "POST"])
 def setup(request):
     if request.method == "POST":
@@ -79,7 +82,8 @@ def setup(request):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                experiment = services.create_and_start(data, data.get("model_file"), data.get("dataset_file"))
+                experiment = services.create_and_start(data, data.get("model_file"), data.get("dataset_file"),
+                                                      owner=request.user)
             except services.ServiceError as exc:
                 form.add_error(exc.field if exc.field in form.fields else None, exc.message)
             else:
@@ -97,6 +101,7 @@ def _best_result(experiment: Experiment) -> dict | None:
     return {"technique": recommendation.technique, "satisfied": recommendation.satisfied, "run": run}
 
 
+@login_required
 @require_GET
 def experiment_list(request):
     experiments = list(services.visible_experiments(request.user)
@@ -106,12 +111,14 @@ def experiment_list(request):
     return render(request, "experiments/list.html", {"rows": rows})
 
 
+@login_required
 @require_GET
 def monitor(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)
     return render(request, "experiments/monitor.html", progress_context(experiment))
 
 
+@login_required
 @require_POST
 def stop(request, experiment_id: int):
     """Stop from the page: a plain form post (works without JavaScript) or htmx."""
@@ -126,6 +133,7 @@ def stop(request, experiment_id: int):
     return redirect("experiments:monitor", experiment_id=experiment.pk)
 
 
+@login_required
 @require_POST
 def rerun(request, experiment_id: int):
     """A new experiment with the same settings and files, started at once."""
@@ -139,6 +147,7 @@ def rerun(request, experiment_id: int):
     return redirect("experiments:monitor", experiment_id=clone.pk)
 
 
+@login_required
 @require_POST
 def resume(request, experiment_id: int):
     """Run the techniques a stopped or failed experiment did not finish; the rest are kept."""
@@ -169,7 +178,8 @@ def _result_row(experiment: Experiment, run: OptimizationRun, baseline: dict, fi
         "sentences": sentences,
         "other_details": other_details,
         "accuracy_n": samples,
-        "accuracy_ci": presenters.wilson_interval(run.accuracy, samples),
+        "accuracy_ci": presenters.accuracy_interval(data, samples),
+        "speedup_range": presenters.speedup_range(data),
         "latency_range": presenters.latency_range(data),
         "within_noise": presenters.speedup_within_noise(data, baseline),
         "precision": presenters.precision_word(run.details),
@@ -180,6 +190,7 @@ def _layers(analysis: dict | None) -> list[dict]:
     return list((analysis or {}).get("layers") or [])
 
 
+@login_required
 @require_GET
 def results(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)
@@ -204,7 +215,7 @@ def results(request, experiment_id: int):
         "experiment": experiment,
         "baseline": baseline,
         "baseline_range": presenters.latency_range(baseline),
-        "baseline_ci": presenters.wilson_interval(baseline.get("accuracy"), baseline_samples),
+        "baseline_ci": presenters.accuracy_interval(baseline, baseline_samples),
         "baseline_n": baseline_samples,
         "rows": rows,
         "not_run": [name for name in experiment.techniques if name not in ran],

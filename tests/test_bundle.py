@@ -22,12 +22,12 @@ def bundle_files(response) -> dict[str, bytes]:
 
 
 def test_bundle_holds_the_model_run_script_preprocessing_labels_test_split_and_report(
-        anonymous, finished_experiment, storage_root):
+        client, finished_experiment, storage_root):
     from optimization.datasets import write_digits_preset
 
     write_digits_preset(storage_root / "dataset" / "preset" / "digits")
 
-    response = anonymous.get(f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8")
+    response = client.get(f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8")
 
     assert response.status_code == 200
     assert response["Content-Type"] == "application/zip"
@@ -48,12 +48,12 @@ def test_bundle_holds_the_model_run_script_preprocessing_labels_test_split_and_r
     assert report["recommended"] is True
 
 
-def test_bundle_of_an_unknown_technique_is_404_and_of_a_failed_run_is_409(anonymous, finished_experiment):
+def test_bundle_of_an_unknown_technique_is_404_and_of_a_failed_run_is_409(client, finished_experiment):
     finished_experiment.runs.filter(technique="ptq_int8").update(status="failed")
 
-    unknown = anonymous.get(f"/api/experiments/{finished_experiment.pk}/bundle/magic")
-    failed = anonymous.get(f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8")
-    never_ran = anonymous.get(f"/api/experiments/{finished_experiment.pk}/bundle/qat")
+    unknown = client.get(f"/api/experiments/{finished_experiment.pk}/bundle/magic")
+    failed = client.get(f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8")
+    never_ran = client.get(f"/api/experiments/{finished_experiment.pk}/bundle/qat")
 
     assert unknown.status_code == 404 and "unknown technique" in unknown.json()["error"]
     assert failed.status_code == 409 and "only a completed run" in failed.json()["error"]
@@ -91,10 +91,10 @@ def run_ptq_int8(framework: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("framework, model_file", [("pytorch", "model.onnx"), ("tensorflow", "model.tflite")])
 def test_run_py_from_the_bundle_prints_a_latency_and_the_runs_own_top1(
-        anonymous, settings, two_framework_storage, tmp_path, framework, model_file):
+        client, settings, two_framework_storage, tmp_path, framework, model_file):
     settings.EDGEOPT_STORAGE_ROOT = two_framework_storage
     run = run_ptq_int8(framework)
-    response = anonymous.get(f"/api/experiments/{run.experiment_id}/bundle/ptq_int8")
+    response = client.get(f"/api/experiments/{run.experiment_id}/bundle/ptq_int8")
     assert response.status_code == 200
     folder = tmp_path / "bundle"
     folder.mkdir()

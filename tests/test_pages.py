@@ -14,8 +14,8 @@ SETUP = {"name": "from the page", "framework": "pytorch", "target_device": "rpi5
          "epochs": "1"}
 
 
-def test_setup_page_lists_presets_and_pretrained_models_and_links_past_experiments(anonymous, ready_experiment):
-    page = anonymous.get("/").content.decode()
+def test_setup_page_lists_presets_and_pretrained_models_and_links_past_experiments(client, ready_experiment):
+    page = client.get("/").content.decode()
 
     assert 'value="digits"' in page
     assert 'value="digits_cnn"' in page
@@ -25,9 +25,9 @@ def test_setup_page_lists_presets_and_pretrained_models_and_links_past_experimen
 
 
 def test_setup_form_with_pretrained_model_creates_starts_and_redirects_to_monitor(
-        anonymous, pretrained_model, django_capture_on_commit_callbacks):
+        client, pretrained_model, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        response = anonymous.post("/", {**SETUP, "pretrained_model": "digits_cnn"})
+        response = client.post("/", {**SETUP, "pretrained_model": "digits_cnn"})
 
     experiment = Experiment.objects.get(name="from the page")
     assert response.status_code == 302
@@ -39,16 +39,16 @@ def test_setup_form_with_pretrained_model_creates_starts_and_redirects_to_monito
     assert OrmQ.objects.count() == 1
 
 
-def test_setup_form_with_an_uploaded_model_stores_it(anonymous, model_files):
-    response = anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+def test_setup_form_with_an_uploaded_model_stores_it(client, model_files):
+    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"]), "input_shape": "1,8,8"})
 
     experiment = Experiment.objects.get(name="from the page")
     assert response.status_code == 302
     assert experiment.source_model().role == "upload"
 
 
-def test_invalid_setup_form_shows_messages_and_creates_nothing(anonymous):
-    response = anonymous.post("/", {**SETUP, "name": "", "max_accuracy_drop": "-3"})
+def test_invalid_setup_form_shows_messages_and_creates_nothing(client):
+    response = client.post("/", {**SETUP, "name": "", "max_accuracy_drop": "-3"})
 
     page = response.content.decode()
     assert response.status_code == 400
@@ -58,8 +58,8 @@ def test_invalid_setup_form_shows_messages_and_creates_nothing(anonymous):
     assert not Experiment.objects.exists()
 
 
-def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(anonymous, model_files, storage_root):
-    response = anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["trojan"], "model.pth"),
+def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(client, model_files, storage_root):
+    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["trojan"], "model.pth"),
                                     "architecture": "digits_cnn"})
 
     assert response.status_code == 400
@@ -68,10 +68,10 @@ def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(anonymous, mo
     assert not list((storage_root / "models" / ".incoming").iterdir())
 
 
-def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(anonymous, ready_experiment):
+def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(client, ready_experiment):
     ready_experiment.enqueue()
 
-    page = anonymous.get(f"/experiments/{ready_experiment.pk}/").content.decode()
+    page = client.get(f"/experiments/{ready_experiment.pk}/").content.decode()
 
     assert f'ws-connect="/ws/experiments/{ready_experiment.pk}?format=html"' in page
     assert 'id="progress-panel"' in page
@@ -79,10 +79,10 @@ def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(anony
     assert "Stop" in page
 
 
-def test_stop_button_with_htmx_returns_the_panel(anonymous, ready_experiment):
+def test_stop_button_with_htmx_returns_the_panel(client, ready_experiment):
     ready_experiment.enqueue()
 
-    response = anonymous.post(f"/experiments/{ready_experiment.pk}/stop", HTTP_HX_REQUEST="true")
+    response = client.post(f"/experiments/{ready_experiment.pk}/stop", HTTP_HX_REQUEST="true")
 
     assert response.status_code == 200
     assert 'id="progress-panel"' in response.content.decode()
@@ -91,8 +91,8 @@ def test_stop_button_with_htmx_returns_the_panel(anonymous, ready_experiment):
 
 
 def test_results_page_shows_runs_estimates_constraints_recommendation_and_downloads(
-        anonymous, finished_experiment):
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+        client, finished_experiment):
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "Recommended: ptq_int8" in page
     assert "3.6x smaller" in page
@@ -103,7 +103,7 @@ def test_results_page_shows_runs_estimates_constraints_recommendation_and_downlo
     assert "int8 ONNX (deploy)" in page and "float .pt2 (native)" in page
 
 
-def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonymous, finished_experiment):
+def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(client, finished_experiment):
     from experiments.sink import DjangoSink
 
     sink = DjangoSink(finished_experiment)
@@ -116,15 +116,15 @@ def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonym
     finished_experiment.baseline = baseline
     finished_experiment.save(update_fields=["baseline"])
 
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "Model analysis" in page
     assert "100% of the model&#x27;s parameters" in page
     assert "energy = latency x board power 6.4 W" in page
 
 
-def test_monitor_of_unknown_experiment_is_404(anonymous):
-    assert anonymous.get("/experiments/99999/").status_code == 404
+def test_monitor_of_unknown_experiment_is_404(client):
+    assert client.get("/experiments/99999/").status_code == 404
 
 
 def test_chart_marks_only_undominated_results_as_the_pareto_front_on_each_axis():
@@ -146,8 +146,8 @@ def test_chart_marks_only_undominated_results_as_the_pareto_front_on_each_axis()
     assert chart["recommended"] == "ptq_int8"
 
 
-def test_results_page_draws_the_chart_with_the_vendored_library_and_an_axis_selector(anonymous, finished_experiment):
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+def test_results_page_draws_the_chart_with_the_vendored_library_and_an_axis_selector(client, finished_experiment):
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert 'id="chart-data"' in page and 'id="results-chart"' in page
     assert "vendor/chartjs/chart.umd.min.js" in page
@@ -181,8 +181,8 @@ def stopped_experiment(ready_experiment):
     return experiment
 
 
-def test_experiments_list_shows_status_model_best_result_when_and_actions(anonymous, finished_experiment):
-    page = anonymous.get("/experiments/").content.decode()
+def test_experiments_list_shows_status_model_best_result_when_and_actions(client, finished_experiment):
+    page = client.get("/experiments/").content.decode()
 
     assert finished_experiment.name in page
     assert "completed" in page and "digits_cnn.pt" in page
@@ -192,9 +192,9 @@ def test_experiments_list_shows_status_model_best_result_when_and_actions(anonym
 
 
 def test_run_again_makes_a_new_experiment_with_the_same_settings_and_starts_it(
-        anonymous, finished_experiment, django_capture_on_commit_callbacks):
+        client, finished_experiment, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        response = anonymous.post(f"/experiments/{finished_experiment.pk}/rerun")
+        response = client.post(f"/experiments/{finished_experiment.pk}/rerun")
 
     clone = Experiment.objects.exclude(pk=finished_experiment.pk).get()
     assert response.status_code == 302 and response["Location"] == f"/experiments/{clone.pk}/"
@@ -205,14 +205,14 @@ def test_run_again_makes_a_new_experiment_with_the_same_settings_and_starts_it(
     assert finished_experiment.runs.count() == 1, "the original keeps its results"
 
 
-def test_run_again_copies_an_uploaded_model_so_each_experiment_owns_its_file(anonymous, model_files, storage_root):
+def test_run_again_copies_an_uploaded_model_so_each_experiment_owns_its_file(client, model_files, storage_root):
     from experiments import services
 
-    anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+    client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
     original = Experiment.objects.get()
     Experiment.objects.filter(pk=original.pk).update(status="stopped")
 
-    anonymous.post(f"/experiments/{original.pk}/rerun")
+    client.post(f"/experiments/{original.pk}/rerun")
 
     clone = Experiment.objects.exclude(pk=original.pk).get()
     assert clone.source_model().path != original.source_model().path
@@ -221,11 +221,11 @@ def test_run_again_copies_an_uploaded_model_so_each_experiment_owns_its_file(ano
     assert clone.source_model().absolute_path().is_file(), "deleting one experiment keeps the other's model"
 
 
-def test_resume_keeps_finished_runs_and_queues_the_rest(anonymous, ready_experiment, django_capture_on_commit_callbacks):
+def test_resume_keeps_finished_runs_and_queues_the_rest(client, ready_experiment, django_capture_on_commit_callbacks):
     experiment = stopped_experiment(ready_experiment)
 
     with django_capture_on_commit_callbacks(execute=True):
-        response = anonymous.post(f"/experiments/{experiment.pk}/resume")
+        response = client.post(f"/experiments/{experiment.pk}/resume")
 
     experiment.refresh_from_db()
     assert response.status_code == 302 and experiment.status == "queued"
@@ -235,8 +235,8 @@ def test_resume_keeps_finished_runs_and_queues_the_rest(anonymous, ready_experim
     assert OrmQ.objects.count() == 1
 
 
-def test_resume_of_a_completed_experiment_says_why_not(anonymous, finished_experiment):
-    response = anonymous.post(f"/experiments/{finished_experiment.pk}/resume", follow=True)
+def test_resume_of_a_completed_experiment_says_why_not(client, finished_experiment):
+    response = client.post(f"/experiments/{finished_experiment.pk}/resume", follow=True)
 
     assert "Could not resume" in response.content.decode()
     finished_experiment.refresh_from_db()
@@ -247,11 +247,11 @@ def test_resume_of_a_completed_experiment_says_why_not(anonymous, finished_exper
 
 
 def test_a_stopped_experiment_has_no_pending_rows_no_zero_bytes_and_says_what_did_not_run(
-        anonymous, ready_experiment):
+        client, ready_experiment):
     experiment = stopped_experiment(ready_experiment)
 
-    results = anonymous.get(f"/experiments/{experiment.pk}/results/").content.decode()
-    monitor = anonymous.get(f"/experiments/{experiment.pk}/").content.decode()
+    results = client.get(f"/experiments/{experiment.pk}/results/").content.decode()
+    monitor = client.get(f"/experiments/{experiment.pk}/").content.decode()
 
     assert "pending" not in results and "0 bytes" not in results
     assert "Not run: ptq_int4, prune_unstructured, prune_structured, distillation, hybrid" in results
@@ -259,26 +259,26 @@ def test_a_stopped_experiment_has_no_pending_rows_no_zero_bytes_and_says_what_di
     assert "pending" not in monitor and monitor.count("not run") == 5
 
 
-def test_a_failed_experiment_shows_its_error_once_without_the_exception_name(anonymous, ready_experiment):
+def test_a_failed_experiment_shows_its_error_once_without_the_exception_name(client, ready_experiment):
     ready_experiment.enqueue()
     ready_experiment.mark_running()
     ready_experiment.finish(Experiment.Status.FAILED, error="ValueError: the model expects inputs of shape [1, 28, 28]")
 
     for url in (f"/experiments/{ready_experiment.pk}/", f"/experiments/{ready_experiment.pk}/results/"):
-        page = anonymous.get(url).content.decode()
+        page = client.get(url).content.decode()
         assert page.count("the model expects inputs of shape") == 1, url
         assert "ValueError" not in page
 
 
 def test_a_recommendation_that_meets_nothing_is_a_warning_in_parts_not_a_green_heading(
-        anonymous, finished_experiment):
+        client, finished_experiment):
     from experiments.models import Recommendation
 
     Recommendation.objects.filter(experiment=finished_experiment).update(
         satisfied=False, reasoning="Goal: balanced. No technique meets every constraint. ptq_int8 comes closest: "
                                    "3.6x smaller, but max_size_mb is 1.1 MB over 1.0 MB. qat: failed.")
 
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "Recommended:" not in page
     assert "No technique meets every constraint</h2>" in page and 'class="recommendation warn"' in page
@@ -288,7 +288,7 @@ def test_a_recommendation_that_meets_nothing_is_a_warning_in_parts_not_a_green_h
 # -- the results page says what each run did, with spreads ------------------------------------------
 
 
-def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(anonymous, finished_experiment):
+def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(client, finished_experiment):
     from experiments.models import OptimizationRun
 
     OptimizationRun.objects.filter(experiment=finished_experiment, technique="ptq_int8").update(
@@ -304,7 +304,7 @@ def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(anon
                                                 "precision": "fp32"}]}
     finished_experiment.save()
 
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/?layers=ptq_int8").content.decode()
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/?layers=ptq_int8").content.decode()
 
     assert "Weights stored in 8 bits." in page
     assert "Ranges calibrated on 128 training samples." in page
@@ -316,14 +316,14 @@ def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(anon
     assert "Ranking scores" in page
 
 
-def test_two_results_side_by_side(anonymous, finished_experiment):
+def test_two_results_side_by_side(client, finished_experiment):
     from experiments.sink import DjangoSink
 
     sink = DjangoSink(finished_experiment)
     sink.run_finished("qat", {"status": "completed", "accuracy": 0.96, "accuracy_drop": -1.0, "size_bytes": 1200,
                               "compression_ratio": 3.3, "latency_ms": 0.31, "speedup": 1.6, "details": {"epochs": 2}})
 
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/?compare=qat&compare=ptq_int8").content.decode()
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/?compare=qat&compare=ptq_int8").content.decode()
 
     assert "Compare two results" in page
     assert "<th scope=\"col\">qat</th><th scope=\"col\">ptq_int8</th>" in page
