@@ -35,12 +35,8 @@ def wilson_interval(accuracy: float | None, n: int | None) -> tuple[float, float
 
 
 def accuracy_samples(metrics: dict) -> int | None:
-    """How many test samples the accuracy was measured on, when the row (or its details) says."""
-    for source in (metrics, metrics.get("details") or {}):
-        for key in ("accuracy_n", "test_samples"):
-            if source.get(key):
-                return int(source[key])
-    return None
+    """How many test samples the accuracy was measured on, when the row says."""
+    return int(metrics["accuracy_n"]) if metrics.get("accuracy_n") else None
 
 
 def accuracy_interval(metrics: dict, samples: int | None = None) -> tuple[float, float] | None:
@@ -56,10 +52,8 @@ def speedup_range(metrics: dict) -> tuple[float, float] | None:
 
 
 def latency_range(metrics: dict) -> tuple[float, float] | None:
-    """The spread of repeated timing blocks, where the row (or its details) has it."""
-    details = metrics.get("details") or {}
-    low = metrics.get("latency_ms_low", details.get("latency_ms_low"))
-    high = metrics.get("latency_ms_high", details.get("latency_ms_high"))
+    """The spread of the timing blocks (fastest to slowest block median), where measured."""
+    low, high = metrics.get("latency_ms_low"), metrics.get("latency_ms_high")
     return (float(low), float(high)) if low is not None and high is not None else None
 
 

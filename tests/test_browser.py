@@ -25,9 +25,13 @@ WIDE = {"width": 1280, "height": 900}
 TECHNIQUES = ["ptq_int8", "ptq_int4", "prune_unstructured", "qat"]
 
 
+PASSWORD = "a browser-test password"
+
+
 @pytest.fixture
-def browser_stack(demo_storage, tmp_path, settings, transactional_db):
-    """A real stack as a team would run it: DEBUG off, collected static files."""
+def browser_stack(demo_storage, tmp_path, settings, transactional_db, auth_headers, owner):
+    """A real stack as a team would run it: DEBUG off, collected static files. The owner
+    gets a password to log in with."""
     from tests.live import running_stack
 
     static_root = tmp_path / "static"
@@ -36,7 +40,9 @@ def browser_stack(demo_storage, tmp_path, settings, transactional_db):
     settings.EDGEOPT_STORAGE_ROOT = demo_storage
     env = {"DEBUG": "false", "SECRET_KEY": "browser-test-" + "k" * 50, "ALLOWED_HOSTS": "127.0.0.1,localhost",
            "STATIC_ROOT": str(static_root)}
-    with running_stack(demo_storage, tmp_path / "logs", env) as running:
+    owner.set_password(PASSWORD)
+    owner.save()
+    with running_stack(demo_storage, tmp_path / "logs", auth_headers, env) as running:
         try:
             yield running
         finally:
@@ -63,10 +69,16 @@ def browser():
 
 
 def new_page(browser, stack, **context_options):
-    """The one place a browser session starts (where logging in will go)."""
+    """A browser session logged in as the owner, through the login page."""
     context = browser.new_context(base_url=stack.base, viewport=WIDE, accept_downloads=True, **context_options)
     context.set_default_timeout(60_000)
-    return context.new_page()
+    page = context.new_page()
+    page.goto("/accounts/login/")
+    page.fill("#id_username", "owner")
+    page.fill("#id_password", PASSWORD)
+    page.click("main button[type=submit]")
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
+    return page
 
 
 def start_experiment(stack, name: str) -> int:

@@ -74,7 +74,7 @@ def two_framework_storage(demo_storage, tmp_path_factory):
     return root
 
 
-def run_ptq_int8(framework: str):
+def run_ptq_int8(framework: str, owner):
     """A real one-technique experiment on the demo model, run by the worker's task in-process."""
     from experiments import services, tasks
     from experiments.forms import ExperimentForm
@@ -82,7 +82,7 @@ def run_ptq_int8(framework: str):
     form = ExperimentForm(data={"name": f"bundle {framework}", "framework": framework, "target_device": "rpi4",
                                 "dataset": "digits", "techniques": ["ptq_int8"], "pretrained_model": "digits_cnn"})
     assert form.is_valid(), form.errors
-    experiment = services.create_experiment(form.cleaned_data)
+    experiment = services.create_experiment(form.cleaned_data, owner=owner)
     experiment.enqueue()
     assert tasks.run_experiment(experiment.pk) == "completed"
     return experiment.runs.get(technique="ptq_int8")
@@ -91,9 +91,9 @@ def run_ptq_int8(framework: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("framework, model_file", [("pytorch", "model.onnx"), ("tensorflow", "model.tflite")])
 def test_run_py_from_the_bundle_prints_a_latency_and_the_runs_own_top1(
-        client, settings, two_framework_storage, tmp_path, framework, model_file):
+        client, owner, settings, two_framework_storage, tmp_path, framework, model_file):
     settings.EDGEOPT_STORAGE_ROOT = two_framework_storage
-    run = run_ptq_int8(framework)
+    run = run_ptq_int8(framework, owner)
     response = client.get(f"/api/experiments/{run.experiment_id}/bundle/ptq_int8")
     assert response.status_code == 200
     folder = tmp_path / "bundle"
@@ -113,3 +113,9 @@ def test_run_py_from_the_bundle_prints_a_latency_and_the_runs_own_top1(
     assert result["latency_ms"] > 0 and result["threads"] == 2
     assert result["samples"] == 359
     assert result["top1"] == pytest.approx(run.accuracy, abs=1e-9)
+
+
+def test_another_users_bundle_is_404(other_client, finished_experiment):
+    response = other_client.get(f"/api/experiments/{finished_experiment.pk}/bundle/ptq_int8")
+
+    assert response.status_code == 404

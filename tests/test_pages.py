@@ -208,7 +208,7 @@ def test_run_again_makes_a_new_experiment_with_the_same_settings_and_starts_it(
 def test_run_again_copies_an_uploaded_model_so_each_experiment_owns_its_file(client, model_files, storage_root):
     from experiments import services
 
-    client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+    client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"]), "input_shape": "1,8,8"})
     original = Experiment.objects.get()
     Experiment.objects.filter(pk=original.pk).update(status="stopped")
 
@@ -292,10 +292,10 @@ def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(clie
     from experiments.models import OptimizationRun
 
     OptimizationRun.objects.filter(experiment=finished_experiment, technique="ptq_int8").update(
-        latency_ms=0.045, speedup=1.11,
+        latency_ms=0.045, latency_ms_low=0.043, latency_ms_high=0.052, speedup=1.11, speedup_low=0.96,
+        speedup_high=1.2, speedup_within_noise=True,
         details={"bits": 8, "calibration_samples": 128, "kept_wider": {"fc": "too few weights to gain"},
                  "native": "FP32 .pt2: the quantized model exists only as ONNX",
-                 "latency_ms_low": 0.043, "latency_ms_high": 0.052,
                  "analysis": {"layers": [{"name": "fc_quant", "type": "fc", "params": 650, "macs": 640,
                                           "precision": "int8"}]}})
     finished_experiment.baseline = {**finished_experiment.baseline, "latency_ms": 0.05, "latency_ms_low": 0.048,
@@ -311,7 +311,7 @@ def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(clie
     assert "1 layer kept at higher precision: too few weights to gain." in page
     assert "45.0 µs" in page and "50.0 µs" in page, "microsecond latencies in µs, three digits"
     assert "(359 samples; ± is a 95% interval)" in page and "91.0%–96.0%" in page
-    assert "within noise" in page, "the latency ranges overlap"
+    assert "within noise" in page and "0.96×–1.20×" in page, "the speedup's range includes 1"
     assert "fc_quant" in page and "Layers of ptq_int8" in page, "the selected run's layers beside the baseline's"
     assert "Ranking scores" in page
 
@@ -341,3 +341,50 @@ def test_number_formats_and_intervals():
     assert round(low, 3) == 0.404 and round(high, 3) == 0.596
     assert reasoning_parts("Goal: smallest. Ranked by size. ptq_int4 is recommended: 6.2x smaller.") == [
         "Goal: smallest.", "Ranked by size.", "ptq_int4 is recommended: 6.2x smaller."]
+
+
+# -- accessible and usable without JavaScript ------------------------------------------------------
+
+
+def test_monitor_has_a_real_stop_form_a_live_region_labelled_bars_and_a_no_javascript_fallback(
+        client, ready_experiment):
+    import re
+
+    ready_experiment.enqueue()
+
+    page = client.get(f"/experiments/{ready_experiment.pk}/").content.decode()
+
+    stop_form = re.search(r'<form method="post" action="/experiments/\d+/stop"[^>]*>.*?</form>', page, re.S).group(0)
+    assert "csrfmiddlewaretoken" in stop_form and 'type="submit"' in stop_form
+    assert 'role="status" aria-live="polite"' in page
+    bars = re.findall(r'<progress id="([\w-]+)"', page)
+    assert len(bars) == 9, "overall, baseline and seven techniques"
+    for bar in bars:
+        assert f'<label for="{bar}">' in page, bar
+    assert '<noscript><meta http-equiv="refresh" content="5"></noscript>' in page
+    assert "reloads itself every 5 seconds" in page
+
+
+def test_live_updates_leave_the_stop_button_in_place_and_announce_only_the_step(client, ready_experiment):
+    from experiments.models import ExperimentProgress
+    from experiments.views import render_progress
+
+    ready_experiment.enqueue()
+    ready_experiment.mark_running()
+    ExperimentProgress.publish(ready_experiment, technique="qat", technique_index=6, technique_count=7,
+                               technique_progress=0.4, overall_progress=0.7, eta_seconds=30.0,
+                               message="fine-tuning epoch 1/2", metrics={"loss": 0.25, "epoch": 1},
+                               plan=[{"technique": "baseline", "estimate_s": 5.0}])
+
+    running = render_progress(ready_experiment)
+
+    assert 'id="stop-area"' not in running, "the Stop button (and its focus) is left alone"
+    assert '<div id="announcer" hx-swap-oob="innerHTML">' in running
+    assert "Running step 7 of 8: qat" in running
+    assert "about 30 s left" in running and "fine-tuning epoch 1/2" in running
+    assert '"loss": 0.25' in running, "the loss curve's data travels with the panel"
+
+    ready_experiment.finish("stopped")
+    stopped = render_progress(ready_experiment)
+
+    assert '<div id="stop-area" hx-swap-oob="true">' in stopped and "See the results" in stopped
