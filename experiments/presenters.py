@@ -91,6 +91,17 @@ def _sentence(key: str, value, details: dict) -> str | None:
             return f"Target sparsity {percent(value, 0)}."
         case "pruning_ratio":
             return f"{percent(value, 0)} of the channels cut."
+        case "channels_kept":
+            return f"{percent(value, 0)} of the channels kept in the layers that were cut."
+        case "bits_per_layer":
+            by_bits: dict = {}
+            for bits in value.values():
+                by_bits[bits] = by_bits.get(bits, 0) + 1
+            return "Weights per layer: " + ", ".join(
+                f"{n} layer{'s' if n != 1 else ''} at {bits} bits" for bits, n in sorted(by_bits.items(), key=str)) + "."
+        case "float_layers":
+            return (f"{len(value)} weighted layer{'s' if len(value) != 1 else ''} stayed in float: "
+                    f"{', '.join(map(str, value[:8]))}{' …' if len(value) > 8 else ''}.")
         case "student_ratio":
             return f"The student keeps {percent(1 - float(value), 0)} of the teacher's channels."
         case "channel_multiple":
@@ -127,7 +138,7 @@ def _sentence(key: str, value, details: dict) -> str | None:
     return None
 
 
-DESCRIBED = ("bits", "precision", "weights", "activations", "calibration_samples", "epochs", "sparsity_reached",
+DESCRIBED = ("bits", "precision", "bits_per_layer", "float_layers", "channels_kept", "weights", "activations", "calibration_samples", "epochs", "sparsity_reached",
              "sparsity", "target_sparsity", "pruning_ratio", "student_ratio", "channel_multiple", "params_before",
              "macs_before", "gain_from_distillation_points", "calibration_accuracy_before_fine_tuning",
              "final_train_loss", "temperature", "weight_granularity", "scheme", "mode", "compressed_size_bytes",
