@@ -11,11 +11,13 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import presenters, services
+from . import presenters, services, storage
 from .forms import SetupForm
-from .models import Experiment, ExperimentProgress, OptimizationRun, Recommendation
+from .models import FRAMEWORK_CHOICES, Experiment, ExperimentProgress, OptimizationRun, Recommendation
 
 PROGRESS_PARTIAL = "experiments/partials/progress.html"
+# optimization.demo's names (importing that module would load the engine's backends here)
+DEMO_MODEL, DEMO_DATASET = "digits_cnn", "digits"
 
 
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
@@ -89,8 +91,21 @@ def setup(request):
             else:
                 return redirect("experiments:monitor", experiment_id=experiment.pk)
     else:
-        form = SetupForm()
-    return render(request, "experiments/setup.html", {"form": form}, status=400 if form.errors else 200)
+        form = SetupForm(initial=_setup_defaults(request.user))
+    pretrained = [{"framework": framework, "label": label, "names": list(storage.pretrained_models(framework))}
+                  for framework, label in FRAMEWORK_CHOICES]
+    return render(request, "experiments/setup.html", {
+        "form": form, "pretrained": pretrained,
+        "error_count": sum(len(errors) for errors in form.errors.values()),
+    }, status=400 if form.errors else 200)
+
+
+def _setup_defaults(user) -> dict:
+    """A new user starts from the demo: its model and dataset are ready to run."""
+    if services.visible_experiments(user).exists() or DEMO_MODEL not in storage.pretrained_models("pytorch"):
+        return {}
+    return {"framework": "pytorch", "pretrained_model": DEMO_MODEL, "dataset": DEMO_DATASET,
+            "name": "digits demo"}
 
 
 def _best_result(experiment: Experiment) -> dict | None:

@@ -21,6 +21,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 WIDE = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
 # Long enough to watch and stop: the fine-tunes come after the two fast PTQ runs.
 TECHNIQUES = ["ptq_int8", "ptq_int4", "prune_unstructured", "qat"]
 
@@ -120,7 +121,7 @@ def test_create_watch_stop_by_keyboard_results_chart_and_bundle(browser_stack, b
     page.select_option("#id_pretrained_model", "digits_cnn")
     for box in page.locator("input[name=techniques]").all():
         box.set_checked(box.get_attribute("value") in TECHNIQUES)
-    page.click("button[type=submit]")
+    page.click("form.setup button[type=submit]")
 
     page.wait_for_url(re.compile(r"/experiments/\d+/$"))
     # live: the socket brings the first finished technique without a reload
@@ -145,6 +146,12 @@ def test_create_watch_stop_by_keyboard_results_chart_and_bundle(browser_stack, b
         "Device latency, estimated (ms)"
     page.screenshot(path=str(tmp_path / "results-1280.png"), full_page=True)
     assert "pending" not in page.inner_text("table.results")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDE["width"], "tables scroll in their box"
+    page.set_viewport_size(PHONE)
+    page.reload()
+    page.screenshot(path=str(tmp_path / "results-390.png"), full_page=True)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"], "no sideways page at 390 px"
+    page.set_viewport_size(WIDE)
 
     with page.expect_download() as download_info:
         page.locator("#result-ptq_int8 a.bundle-link").click()

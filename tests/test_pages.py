@@ -388,3 +388,25 @@ def test_live_updates_leave_the_stop_button_in_place_and_announce_only_the_step(
     stopped = render_progress(ready_experiment)
 
     assert '<div id="stop-area" hx-swap-oob="true">' in stopped and "See the results" in stopped
+
+
+# -- the setup form -------------------------------------------------------------------------------
+
+
+def test_a_new_user_finds_the_demo_preselected_and_models_grouped_by_framework(client, pretrained_model):
+    page = client.get("/").content.decode()
+
+    assert '<option value="digits_cnn" selected>digits_cnn</option>' in page
+    assert '<optgroup label="PyTorch" data-framework="pytorch">' in page
+    assert 'data-show-if="pretrained_model="' in page and 'data-show-if="dataset=custom"' in page
+    assert "js/setup.js" in page
+
+
+def test_a_refused_setup_lists_every_problem_at_the_top_with_links(client):
+    response = client.post("/", {**SETUP, "name": "", "max_size_mb": "1e400"})
+
+    page = response.content.decode()
+    summary = page[page.index('id="error-summary"'):page.index("</div>", page.index('id="error-summary"'))]
+    assert response.status_code == 400
+    assert "things to fix" in summary
+    assert 'href="#id_name"' in summary and 'href="#id_max_size_mb"' in summary
