@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from . import presenters, services, storage
 from .forms import SetupForm
-from .models import FRAMEWORK_CHOICES, Experiment, ExperimentProgress, OptimizationRun, Recommendation
+from .models import FRAMEWORK_CHOICES, Experiment, ExperimentProgress, ModelFile, OptimizationRun, Recommendation
 
 PROGRESS_PARTIAL = "experiments/partials/progress.html"
 # optimization.demo's names (importing that module would load the engine's backends here)
@@ -121,8 +121,9 @@ def _best_result(experiment: Experiment) -> dict | None:
 def experiment_list(request):
     experiments = list(services.visible_experiments(request.user)
                        .select_related("recommendation").prefetch_related("runs", "files")[:200])
-    rows = [{"experiment": e, "model": e.source_model(), "best": _best_result(e),
-             "resumable": e.status in Experiment.RESUMABLE} for e in experiments]
+    sources = (ModelFile.Role.UPLOAD, ModelFile.Role.PRETRAINED)
+    rows = [{"experiment": e, "model": next((f for f in e.files.all() if f.role in sources), None),
+             "best": _best_result(e), "resumable": e.status in Experiment.RESUMABLE} for e in experiments]
     return render(request, "experiments/list.html", {"rows": rows})
 
 

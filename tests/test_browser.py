@@ -22,8 +22,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run"]
 WIDE = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
-# Long enough to watch and stop: the fine-tunes come after the two fast PTQ runs.
-TECHNIQUES = ["ptq_int8", "ptq_int4", "prune_unstructured", "qat"]
+# A fast result to see land, then fine-tunes long enough to watch their loss and stop.
+TECHNIQUES = ["ptq_int8", "qat", "hybrid"]
 
 
 PASSWORD = "a browser-test password"
@@ -127,6 +127,9 @@ def test_create_watch_stop_by_keyboard_results_chart_and_bundle(browser_stack, b
     # live: the socket brings the first finished technique without a reload
     page.wait_for_selector("#technique-ptq_int8.status-completed", timeout=300_000)
     assert page.locator("#bar-overall").get_attribute("value") not in (None, "0")
+    page.wait_for_function("() => Chart.getChart('live-results-chart')?.data.datasets.length >= 2")
+    page.wait_for_function("() => Chart.getChart('live-loss-chart').data.datasets[0]?.data.length >= 3",
+                           timeout=300_000)
     page.screenshot(path=str(tmp_path / "monitor-1280.png"), full_page=True)
     stop_with_the_keyboard(page)
     wait_for_status(page, "stopped")
