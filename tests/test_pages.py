@@ -410,3 +410,5 @@ def test_a_refused_setup_lists_every_problem_at_the_top_with_links(client):
     assert response.status_code == 400
     assert "things to fix" in summary
     assert 'href="#id_name"' in summary and 'href="#id_max_size_mb"' in summary
+    assert "max size (MB): enter a finite number" in summary
+    assert 'name="max_size_mb" value="1e400" inputmode="decimal"' in page, "what was typed stays, as text"

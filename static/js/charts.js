@@ -180,7 +180,7 @@
       type: "line", data: {datasets: []},
       options: {
         animation: false, maintainAspectRatio: false, parsing: false,
-        scales: {x: {type: "linear", title: {display: true, text: "Progress message (fine-tune steps, in order)"}, ticks: {maxTicksLimit: 8}},
+        scales: {x: {type: "linear", title: {display: true, text: "Progress message (fine-tune steps, in order)"}, ticks: {maxTicksLimit: 8, precision: 0}},
                  y: {title: {display: true, text: "Training loss"}, ticks: {maxTicksLimit: 6}}},
         plugins: {legend: {position: "bottom"}}
       }
