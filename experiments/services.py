@@ -226,8 +226,8 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
 
 
 def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_shape) -> None:
-    """A .pt must be TorchScript, which does not record its input shape; a .pth must be a
-    state_dict of the architecture it names. Both are read without torch."""
+    """A .pt must be TorchScript, which does not record its input shape; a .pt2 a torch.export
+    archive; a .pth a state_dict of the architecture it names. All read without torch."""
     from optimization.safety.torch_files import state_dict_shapes, torch_file_kind
     from optimization.zoo.layouts import match_state_dict
 
@@ -246,9 +246,12 @@ def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_
                 f"{label} is TorchScript, which does not record its input shape: give input_shape, one "
                 "sample without the batch, e.g. 1,28,28 (or upload a torch.export .pt2, which records it)",
                 field="input_shape")
+    elif suffix == ".pt2" and kind in ("torchscript", "saved"):  # unknown layouts are the loader's call
+        raise InvalidInputError(f"{label} is not a torch.export archive: save the model with torch.export.save "
+                                "(a TorchScript file is a .pt, a state_dict a .pth)")
     elif suffix == ".pth":
         dims = match_state_dict(state_dict_shapes(path, label), options["architecture"], label)
-        if known_shape and known_shape[0] != dims["in_channels"]:
+        if known_shape and "in_channels" in dims and known_shape[0] != dims["in_channels"]:
             raise ServiceError(
                 f"input_shape {list(known_shape)} starts with {known_shape[0]} channels but the weights in "
                 f"{label} take {dims['in_channels']}: give input_shape as channels first, e.g. "

@@ -102,6 +102,8 @@ class DjangoSink:
     # -- results ---------------------------------------------------------------------------
 
     def analysis(self, analysis: dict) -> None:
+        if analysis.get("error"):  # "analysis failed: ..." may name the deploy file's folder
+            analysis = {**analysis, "error": storage.public_error(analysis["error"])}
         Experiment.objects.filter(pk=self.experiment.pk).update(analysis=jsonable(analysis))
 
     def baseline(self, metrics: dict) -> None:

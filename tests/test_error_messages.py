@@ -54,3 +54,12 @@ def test_a_technique_error_is_stored_without_server_paths_or_a_class_name(ready_
 ])
 def test_only_paths_and_user_facing_class_names_are_taken_out(message, public):
     assert storage.public_error(message) == (public or message)
+
+
+def test_an_analysis_error_is_stored_without_the_results_folder(ready_experiment, storage_root):
+    sink = DjangoSink(ready_experiment)
+
+    sink.analysis({"error": f"analysis failed: cannot parse {sink.output_dir}/baseline.onnx"})
+
+    stored = Experiment.objects.get(pk=ready_experiment.pk).analysis["error"]
+    assert stored == f"analysis failed: cannot parse models/optimized/{ready_experiment.pk}/baseline.onnx"

@@ -210,9 +210,14 @@ def test_torchscript_without_input_shape_is_accepted_when_the_experiment_has_one
     assert response.json()["config"]["input_shape"] == [1, 8, 8]
 
 
-@pytest.mark.parametrize("file_key, words", [("state_dict", ["torch.save", ".pth"]), ("exported", [".pt2"])])
-def test_a_pt_that_is_not_torchscript_says_which_name_it_needs(client, new_experiment, model_files, file_key, words):
-    response = upload(client, new_experiment(), upload_file(model_files[file_key], "model.pt"), input_shape="1,8,8")
+@pytest.mark.parametrize("file_key, name, words", [
+    ("state_dict", "model.pt", ["torch.save", ".pth"]),
+    ("exported", "model.pt", ["torch.export", ".pt2"]),
+    ("pt", "model.pt2", ["torch.export.save", "TorchScript file is a .pt"]),
+])
+def test_a_torch_file_under_another_suffix_says_which_name_it_needs(client, new_experiment, model_files, file_key,
+                                                                     name, words):
+    response = upload(client, new_experiment(), upload_file(model_files[file_key], name), input_shape="1,8,8")
 
     assert response.status_code == 400
     assert all(word in response.json()["error"] for word in words), response.json()

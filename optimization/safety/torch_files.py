@@ -16,8 +16,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from optimization.base import InvalidInputError, UnsafeModelError
-from optimization.safety.pickle_scan import MAX_PICKLE_BYTES
-
+# A state_dict's pickle holds names and shapes (~30 KB for MobileNetV2's 314 tensors); the
+# bound keeps a crafted pickle from building much in the web process's memory.
+MAX_STATE_DICT_PICKLE_BYTES = 8 * 2**20
 # Legacy (pre-zip) torch.save files hold three small pickles (magic number, protocol, system
 # info) before the object itself.
 LEGACY_HEADER_PICKLES = 3
@@ -89,13 +90,13 @@ def state_dict_shapes(path: Path, label: str) -> dict[str, tuple[int, ...]]:
             with zipfile.ZipFile(path) as archive:
                 member = next((m for m in archive.infolist()
                                if PurePosixPath(m.filename).parts[1:] == ("data.pkl",)), None)
-                if member is None or member.file_size > MAX_PICKLE_BYTES:
+                if member is None or member.file_size > MAX_STATE_DICT_PICKLE_BYTES:
                     raise InvalidInputError(f"{label} is not a torch.save file (no data.pkl of a readable size); "
                                             "save model.state_dict() with torch.save")
                 state = _ShapeUnpickler(io.BytesIO(archive.read(member)), label).load()
         else:
             with open(path, "rb") as handle:
-                unpickler = _ShapeUnpickler(io.BytesIO(handle.read(MAX_PICKLE_BYTES)), label)
+                unpickler = _ShapeUnpickler(io.BytesIO(handle.read(MAX_STATE_DICT_PICKLE_BYTES)), label)
                 for _ in range(LEGACY_HEADER_PICKLES):
                     unpickler.load()
                 state = unpickler.load()
