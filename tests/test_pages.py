@@ -254,6 +254,7 @@ def test_a_stopped_experiment_has_no_pending_rows_no_zero_bytes_and_says_what_di
     monitor = client.get(f"/experiments/{experiment.pk}/").content.decode()
 
     assert "pending" not in results and "0 bytes" not in results
+    assert "No recommendation</h2>" in results and "stopped before every technique ran" in results
     assert "Not run: ptq_int4, prune_unstructured, prune_structured, distillation, hybrid" in results
     assert f'action="/experiments/{experiment.pk}/resume"' in results
     assert "pending" not in monitor and monitor.count("not run") == 5
