@@ -413,3 +413,10 @@ def test_a_refused_setup_lists_every_problem_at_the_top_with_links(client):
     assert 'href="#id_name"' in summary and 'href="#id_max_size_mb"' in summary
     assert "max size (MB): enter a finite number" in summary
     assert 'name="max_size_mb" value="1e400" inputmode="decimal"' in page, "what was typed stays, as text"
+
+
+def test_another_users_experiment_cannot_be_run_again_or_resumed(other_client, finished_experiment):
+    assert other_client.post(f"/experiments/{finished_experiment.pk}/rerun").status_code == 404
+    assert other_client.post(f"/experiments/{finished_experiment.pk}/resume").status_code == 404
+    assert finished_experiment.name not in other_client.get("/experiments/").content.decode()
+    assert Experiment.objects.count() == 1
