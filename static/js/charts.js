@@ -108,12 +108,14 @@
     points.forEach(function (p) { byLabel[p.label] = p; });
     var datasets = points.map(function (p, i) {
       var style = styleFor(p.label, i), recommended = p.label === data.recommended;
+      var onFront = front.indexOf(p.label) >= 0;  // marked even when the front is a single point
+      var notes = [recommended ? "recommended" : "", onFront ? "Pareto front" : ""].filter(Boolean);
       return {
-        label: p.label + (recommended ? " (recommended)" : ""), pointName: p.label,
+        label: p.label + (notes.length ? " (" + notes.join(", ") + ")" : ""), pointName: p.label,
         data: [{x: p[axis], y: p.accuracy}],
-        backgroundColor: style.colour, borderColor: recommended ? "#212529" : style.colour,
+        backgroundColor: style.colour, borderColor: recommended || onFront ? "#212529" : style.colour,
         pointStyle: style.shape, pointRadius: recommended ? 9 : 6, pointHoverRadius: 9,
-        borderWidth: recommended ? 3 : 1
+        borderWidth: recommended ? 3 : (onFront ? 2 : 1)
       };
     });
     if (front.length > 1) {
