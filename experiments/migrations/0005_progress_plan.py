@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('experiments', '0003_accounts'),
+        ('experiments', '0004_plan'),
     ]
 
     operations = [
