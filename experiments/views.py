@@ -11,6 +11,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from optimization import catalog
+
 from . import presenters, services, storage
 from .forms import SetupForm
 from .models import FRAMEWORK_CHOICES, Experiment, ExperimentProgress, ModelFile, OptimizationRun, Recommendation
@@ -94,8 +96,13 @@ def setup(request):
         form = SetupForm(initial=_setup_defaults(request.user))
     pretrained = [{"framework": framework, "label": label, "names": list(storage.pretrained_models(framework))}
                   for framework, label in FRAMEWORK_CHOICES]
+    framework = form["framework"].value() or FRAMEWORK_CHOICES[0][0]
+    chosen = form["techniques"].value() or []
     return render(request, "experiments/setup.html", {
         "form": form, "pretrained": pretrained,
+        # one line of what each technique does and what it costs, from the catalog
+        "techniques": catalog.as_dict(framework if framework in catalog.FRAMEWORKS else None)["techniques"],
+        "chosen_techniques": chosen if isinstance(chosen, list) else [chosen],
         "error_count": sum(len(errors) for errors in form.errors.values()),
     }, status=400 if form.errors else 200)
 

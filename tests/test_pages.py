@@ -401,6 +401,9 @@ def test_a_new_user_finds_the_demo_preselected_and_models_grouped_by_framework(c
     assert '<optgroup label="PyTorch" data-framework="pytorch">' in page
     assert 'data-show-if="pretrained_model="' in page and 'data-show-if="dataset=custom"' in page
     assert "js/setup.js" in page
+    assert page.count('name="techniques"') == 7 and page.count(" checked>") >= 7
+    assert "Static INT8 quantization calibrated on sample inputs; no training. Cost: seconds." in page
+    assert 'data-show-if="fine_tunes"' in page, "the epochs budget shows only with a fine-tune ticked"
 
 
 def test_a_refused_setup_lists_every_problem_at_the_top_with_links(client):

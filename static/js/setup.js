@@ -25,6 +25,10 @@
 
   function showWhereTheyApply() {
     form.querySelectorAll("[data-show-if]").forEach(function (box) {
+      if (box.dataset.showIf === "fine_tunes") {  // the epochs budget: only with a fine-tune ticked
+        box.hidden = !form.querySelector('input[name=techniques][data-fine-tunes=true]:checked');
+        return;
+      }
       var rule = box.dataset.showIf.split("="), source = form.elements[rule[0]];
       box.hidden = source ? source.value !== rule[1] : false;
     });
