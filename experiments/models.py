@@ -168,7 +168,7 @@ class Experiment(models.Model):
             progress={
                 "technique": "", "technique_index": 0, "technique_count": len(self.techniques),
                 "technique_progress": 0.0, "overall_progress": 0.0, "eta_seconds": None, "metrics": {},
-                "plan": [],
+                "steps": [],
             },
             stop_requested=False, attempts=0, error="", started_at=None, finished_at=None,
             **({} if resume else {"baseline": None}),
@@ -416,7 +416,7 @@ class ExperimentProgress(models.Model):
 
     PROGRESS_FIELDS = (
         "status", "technique", "technique_index", "technique_count", "technique_progress",
-        "overall_progress", "eta_seconds", "message", "metrics", "plan",
+        "overall_progress", "eta_seconds", "message", "metrics", "steps",
     )
 
     experiment = models.OneToOneField(Experiment, on_delete=models.CASCADE, related_name="progress")
@@ -429,7 +429,7 @@ class ExperimentProgress(models.Model):
     eta_seconds = models.FloatField(null=True, blank=True)
     message = models.TextField(blank=True)
     metrics = models.JSONField(default=dict, blank=True)
-    plan = models.JSONField(default=list, blank=True, help_text="[{technique, estimate_s}]: the baseline, then each technique")
+    steps = models.JSONField(default=list, blank=True, help_text="the planned steps: [{technique, estimate_s}], the baseline first")
     seq = models.PositiveBigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 

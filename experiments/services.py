@@ -506,7 +506,8 @@ def clone_experiment(experiment: Experiment) -> Experiment:
         clone = Experiment.objects.create(
             owner=experiment.owner, name=experiment.name, framework=experiment.framework, target_device=experiment.target_device,
             dataset=experiment.dataset, goal=experiment.goal, constraints=experiment.constraints,
-            techniques=experiment.techniques, config=experiment.config)
+            techniques=experiment.techniques, config=experiment.config, plan=experiment.plan,
+            time_budget_s=experiment.time_budget_s)
         ExperimentProgress.objects.create(experiment=clone, status=clone.status,
                                           technique_count=len(clone.techniques))
         copied = []

@@ -33,7 +33,7 @@ def progress_context(experiment: Experiment, live: bool = False) -> dict:
     socket, so the parts outside the panel travel as out-of-band swaps."""
     progress = ExperimentProgress.objects.filter(experiment=experiment).first()
     runs = {run.technique: run for run in experiment.runs.all()}
-    estimates = {step["technique"]: step.get("estimate_s") for step in (progress.plan if progress else [])}
+    estimates = {step["technique"]: step.get("estimate_s") for step in (progress.steps if progress else [])}
     running = experiment.is_active and progress is not None and progress.status == Experiment.Status.RUNNING
     rows = []
     for name in experiment.techniques:

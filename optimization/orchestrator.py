@@ -157,7 +157,7 @@ class ProgressTracker:
         self.fraction = 0.0  # of the current step's own work (the technique's progress)
         self.overall = 0.0
 
-    def plan(self) -> list[dict]:
+    def planned_steps(self) -> list[dict]:
         return [{"technique": name, "estimate_s": round(work + measure, 1)} for name, work, measure in self.steps]
 
     def _step_done(self) -> float:
@@ -204,7 +204,7 @@ class ProgressTracker:
             "eta_seconds": round(eta, 1),
             "message": message,
             "metrics": metrics,
-            "plan": self.plan(),
+            "steps": self.planned_steps(),
         })
 
 

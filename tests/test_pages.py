@@ -199,7 +199,8 @@ def test_run_again_makes_a_new_experiment_with_the_same_settings_and_starts_it(
     clone = Experiment.objects.exclude(pk=finished_experiment.pk).get()
     assert response.status_code == 302 and response["Location"] == f"/experiments/{clone.pk}/"
     assert clone.status == "queued"
-    for name in ("name", "framework", "target_device", "dataset", "goal", "constraints", "techniques", "config"):
+    for name in ("name", "framework", "target_device", "dataset", "goal", "constraints", "techniques", "config",
+                 "plan", "time_budget_s"):
         assert getattr(clone, name) == getattr(finished_experiment, name)
     assert clone.source_model().path == finished_experiment.source_model().path, "a pretrained model is shared"
     assert finished_experiment.runs.count() == 1, "the original keeps its results"
@@ -375,7 +376,7 @@ def test_live_updates_leave_the_stop_button_in_place_and_announce_only_the_step(
     ExperimentProgress.publish(ready_experiment, technique="qat", technique_index=6, technique_count=7,
                                technique_progress=0.4, overall_progress=0.7, eta_seconds=30.0,
                                message="fine-tuning epoch 1/2", metrics={"loss": 0.25, "epoch": 1},
-                               plan=[{"technique": "baseline", "estimate_s": 5.0}])
+                               steps=[{"technique": "baseline", "estimate_s": 5.0}])
 
     running = render_progress(ready_experiment)
 

@@ -32,8 +32,8 @@ def test_the_first_message_carries_the_whole_plan_with_each_steps_estimate(engin
     orchestrator.run_experiment(make_spec(["ptq_int8", "qat"]), sink)
 
     first = sink.messages()[0]
-    assert [step["technique"] for step in first["plan"]] == ["baseline", "ptq_int8", "qat"]
-    assert all(step["estimate_s"] > 0 for step in first["plan"])
+    assert [step["technique"] for step in first["steps"]] == ["baseline", "ptq_int8", "qat"]
+    assert all(step["estimate_s"] > 0 for step in first["steps"])
     assert first["technique"] == "baseline" and first["technique_count"] == 2
     assert first["eta_seconds"] > 0
 
@@ -50,7 +50,7 @@ def test_a_step_that_ends_early_moves_the_bar_forward_never_back(engine):
     overall = [message["overall_progress"] for message in messages]
     assert overall == sorted(overall)
     assert overall[-1] == 1.0 and messages[-1]["eta_seconds"] == 0.0
-    baseline, _, qat = (step["estimate_s"] for step in messages[0]["plan"])
+    baseline, _, qat = (step["estimate_s"] for step in messages[0]["steps"])
     qat_start = next(m for m in messages if m["technique"] == "qat")
     # the skipped step gives its estimate back: the baseline's share of what is really done
     assert qat_start["overall_progress"] == pytest.approx(baseline / (baseline + qat), abs=0.01)
@@ -73,7 +73,7 @@ def test_a_recorded_demo_run_plans_seven_techniques_and_its_eta_holds_within_2x(
 
     messages = sink.messages()
     began, ended = messages[0]["at"], messages[-1]["at"]
-    assert [step["technique"] for step in messages[0]["plan"]] == ["baseline", *TECHNIQUES]
+    assert [step["technique"] for step in messages[0]["steps"]] == ["baseline", *TECHNIQUES]
     overall = [m["overall_progress"] for m in messages]
     assert overall == sorted(overall), "the bar never moves back"
     after_baseline = next(m for m in messages if m["technique"] == "baseline" and m["technique_progress"] == 1.0)
