@@ -286,3 +286,16 @@ def experiment_download(request, experiment_id: int, technique: str):
         return error(f"the {technique} file is missing from storage", 404)
     filename = f"{storage.upload_stem(experiment.pk, experiment.name)}_{technique}.{stored.format}"
     return FileResponse(open(path, "rb"), as_attachment=True, filename=filename)
+
+
+@api_view("GET")
+def experiment_bundle(request, experiment_id: int, technique: str):
+    """A zip to deploy and re-measure one result on the board (see experiments/bundle.py)."""
+    from .bundle import BundleError, build_bundle
+
+    experiment = _get_experiment_for_user(request, experiment_id)
+    try:
+        bundle, filename = build_bundle(experiment, technique)
+    except BundleError as exc:
+        return error(exc.message, exc.status)
+    return FileResponse(bundle, as_attachment=True, filename=filename, content_type="application/zip")

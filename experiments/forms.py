@@ -195,6 +195,12 @@ class SetupForm(ExperimentForm):
         self.fields["dataset"].choices = [(n, n) for n in storage.list_presets()] + [("custom", "custom (upload)")]
         self.fields["techniques"].initial = list(TECHNIQUES)
         self.fields["plan"].initial = catalog.PAGE_DEFAULT_PLAN
+        # Numbers as text: a browser turns what <input type=number> cannot hold (1e400) into an
+        # empty value and the post would silently drop it; here the server sees it and says so.
+        for field in self.fields.values():
+            if isinstance(field, (forms.FloatField, forms.IntegerField)):
+                field.widget = forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"})
+                field.error_messages["invalid"] = "enter a finite number, like 2.5"
 
     def clean(self):
         cleaned = super().clean()

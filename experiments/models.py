@@ -45,6 +45,7 @@ class Experiment(models.Model):
 
         created  --attach_model()-->  ready
         ready | completed | failed | stopped  --enqueue()-->  queued      (old runs cleared)
+        failed | stopped  --enqueue(resume=True)-->  queued                (finished runs kept)
         queued   --mark_running()-->  running                             (the worker took it)
         running  --mark_running()-->  running                             (a retried attempt)
         queued   --request_stop()-->  stopped                             (never started)
@@ -68,6 +69,7 @@ class Experiment(models.Model):
         STOPPED = "stopped"
 
     STARTABLE = (Status.READY, Status.COMPLETED, Status.FAILED, Status.STOPPED)
+    RESUMABLE = (Status.FAILED, Status.STOPPED)
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.STOPPED)
 
@@ -142,26 +144,39 @@ class Experiment(models.Model):
     def attach_model(self) -> None:
         self._move((self.Status.CREATED, self.Status.READY, *self.FINISHED), self.Status.READY, "attach a model to")
 
-    def enqueue(self) -> None:
-        """Queue a run: clear the previous one, then hand the task to django-q2 once the
-        transaction commits (the worker must find the queued row)."""
-        self._require(self.STARTABLE, "start")
-        self.runs.all().delete()
+    def enqueue(self, resume: bool = False) -> None:
+        """Queue a run, then hand the task to django-q2 once the transaction commits (the
+        worker must find the queued row). A fresh run clears the previous one; `resume` (of
+        a stopped or failed experiment) keeps the techniques that finished, completed, failed
+        or skipped, and runs the rest (see tasks.run_experiment: finished runs are skipped)."""
+        if resume:
+            self._require(self.RESUMABLE, "resume")
+            unfinished = self.runs.exclude(status__in=OptimizationRun.FINISHED)
+            for stored in self.files.filter(role=ModelFile.Role.OPTIMIZED,
+                                            technique__in=unfinished.values("technique")):
+                stored.delete_with_file()
+            unfinished.delete()
+        else:
+            self._require(self.STARTABLE, "start")
+            self.runs.all().delete()
         Recommendation.objects.filter(experiment=self).delete()
         from . import storage
 
-        for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
-            stored.delete_with_file()
-        # Left-overs of the last run are overwritten by the next one anyway.
-        storage.remove_tree(storage.optimized_dir(self.pk), ignore_errors=True)
+        if not resume:
+            for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
+                stored.delete_with_file()
+            # Left-overs of the last run are overwritten by the next one anyway.
+            storage.remove_tree(storage.optimized_dir(self.pk), ignore_errors=True)
         self._move(
-            self.STARTABLE, self.Status.QUEUED, "start",
+            self.RESUMABLE if resume else self.STARTABLE, self.Status.QUEUED, "resume" if resume else "start",
             progress={
                 "technique": "", "technique_index": 0, "technique_count": len(self.techniques),
                 "technique_progress": 0.0, "overall_progress": 0.0, "eta_seconds": None, "metrics": {},
+                "steps": [],
             },
-            stop_requested=False, attempts=0, error="", baseline=None, started_at=None, finished_at=None,
+            stop_requested=False, attempts=0, error="", started_at=None, finished_at=None,
             heartbeat_at=timezone.now(), worker_token="",
+            **({} if resume else {"baseline": None}),
         )
         experiment_id = self.pk
         transaction.on_commit(lambda: _enqueue_run(experiment_id))
@@ -411,7 +426,7 @@ class ExperimentProgress(models.Model):
 
     PROGRESS_FIELDS = (
         "status", "technique", "technique_index", "technique_count", "technique_progress",
-        "overall_progress", "eta_seconds", "message", "metrics",
+        "overall_progress", "eta_seconds", "message", "metrics", "steps",
     )
 
     experiment = models.OneToOneField(Experiment, on_delete=models.CASCADE, related_name="progress")
@@ -424,6 +439,7 @@ class ExperimentProgress(models.Model):
     eta_seconds = models.FloatField(null=True, blank=True)
     message = models.TextField(blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    steps = models.JSONField(default=list, blank=True, help_text="the planned steps: [{technique, estimate_s}], the baseline first")
     seq = models.PositiveBigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Protocol
 from optimization.catalog import FRAMEWORKS, RESULT_FIELDS, TECHNIQUES, check_result_field, validate_options
 
 __all__ = ["FRAMEWORKS", "TECHNIQUES"]  # re-exported: the catalog declares them
+# the array layout each framework's models take (and its datasets are loaded in)
+LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 
 
 class ExperimentStopped(Exception):

@@ -50,8 +50,11 @@ from optimization.techniques import get_technique
 
 logger = logging.getLogger(__name__)
 
-# Seconds counted for loading, exporting and measuring the baseline, for the overall bar.
+# Seconds counted for exporting, analysing and measuring the baseline, and for evaluating,
+# analysing and estimating each technique's file, for the overall bar and the ETA.
 BASELINE_ESTIMATE_S = 5.0
+MEASURE_ESTIMATE_S = 1.5
+ETA_PRIOR_SHARE = 0.25
 ESTIMATE_THREADS = 4
 # Plan "budget": training samples x forward MACs one epoch may cost (about a minute of
 # fine-tuning at the PyTorch cost model's 8e-11 s per MAC, forward and backward), never fewer
@@ -127,49 +130,82 @@ class RecordingSink:
 
 
 class ProgressTracker:
-    """Turns per-technique fractions into overall progress and an ETA.
+    """Overall progress and an ETA from a plan known before the first message.
 
-    Overall progress weights each step by its estimated seconds; the ETA scales the
-    estimate of the remaining work by how fast the finished work went against its estimate.
-    Overall progress never decreases.
+    The plan is the baseline and every technique, each with its estimated seconds (a
+    technique's own estimate plus MEASURE_ESTIMATE_S for evaluating its file). Overall
+    progress is the share of the planned work done: the finished steps plus the running
+    step's fraction of its estimate. A step that ends early (failed, skipped) gives back the
+    estimate it did not use, so the bar never moves backwards and never waits for work that
+    will not happen.
+
+    The ETA scales the remaining estimate by the pace so far, (elapsed + P) / (done + P): it
+    starts at the plan (pace 1) and follows the measured pace as work gets done; P, a
+    quarter of the plan, keeps one step that ran fast or slow against its estimate from
+    throwing off the whole ETA.
     """
 
-    def __init__(self, sink: ExperimentSink, steps: list[tuple[str, float]]):
+    def __init__(self, sink: ExperimentSink, steps: list[tuple[str, float, float]],
+                 started: float | None = None):
         self.sink = sink
-        self.steps = steps
-        self.total = sum(seconds for _, seconds in steps) or 1.0
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
+        self.steps = [(name, float(work), float(measure)) for name, work, measure in steps]
+        self.total = sum(work + measure for _, work, measure in self.steps) or 1.0
+        self.prior = ETA_PRIOR_SHARE * self.total
+        self.done = 0.0  # estimated seconds of the steps before the current one
         self.index = 0
-        self.done_estimate = 0.0
+        self.fraction = 0.0  # of the current step's own work (the technique's progress)
         self.overall = 0.0
 
+    def planned_steps(self) -> list[dict]:
+        return [{"technique": name, "estimate_s": round(work + measure, 1)} for name, work, measure in self.steps]
+
+    def _step_done(self) -> float:
+        """Estimated seconds of the current step behind us; measuring follows a finished
+        optimize, so a fraction of 1 is the work part only."""
+        return self.fraction * self.steps[self.index][1]
+
     def begin(self, index: int) -> None:
-        self.index = index
-        self.done_estimate = sum(seconds for _, seconds in self.steps[:index])
+        """The step `index` starts; the one before is over, done in full when its own work
+        reached 1 (it was then measured), otherwise only as far as it got."""
+        _, work, measure = self.steps[self.index]
+        if self.fraction >= 1.0:
+            self.done += work + measure
+        else:
+            self.done += self.fraction * work
+            self.total -= (1 - self.fraction) * work + measure
+        self.index, self.fraction = index, 0.0
 
     def __call__(self, fraction: float, message: str = "", metrics: dict | None = None) -> None:
         if self.sink.should_stop():
             raise ExperimentStopped("stopped by the user")
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        name, seconds = self.steps[self.index]
-        estimated_done = self.done_estimate + fraction * seconds
-        self.overall = max(self.overall, estimated_done / self.total)
-        elapsed = time.monotonic() - self.started
-        pace = elapsed / estimated_done if estimated_done > 0 else 1.0
-        eta = max(0.0, (self.total - estimated_done) * pace)
-        self.sink.progress(
-            {
-                "status": "running",
-                "technique": name,
-                "technique_index": self.index,  # 0 is the baseline, techniques count from 1
-                "technique_count": len(self.steps) - 1,
-                "technique_progress": fraction,
-                "overall_progress": self.overall,
-                "eta_seconds": round(eta, 1),
-                "message": message,
-                "metrics": metrics or {},
-            }
-        )
+        self.fraction = min(max(float(fraction), 0.0), 1.0)
+        self._send(message, metrics or {})
+
+    def finish(self, message: str) -> None:
+        """Every step is over: the bar is full, nothing remains."""
+        self.overall, self.fraction = 1.0, 1.0
+        self._send(message, {}, eta=0.0)
+
+    def _send(self, message: str, metrics: dict, eta: float | None = None) -> None:
+        done = self.done + self._step_done()
+        self.overall = max(self.overall, min(done / self.total, 1.0))
+        if eta is None:
+            pace = (time.monotonic() - self.started + self.prior) / (done + self.prior)
+            eta = max(0.0, (self.total - done) * pace)
+        name = self.steps[self.index][0]
+        self.sink.progress({
+            "status": "running",
+            "technique": name,
+            "technique_index": self.index,  # 0 is the baseline, techniques count from 1
+            "technique_count": len(self.steps) - 1,
+            "technique_progress": self.fraction,
+            "overall_progress": self.overall,
+            "eta_seconds": round(eta, 1),
+            "message": message,
+            "metrics": metrics,
+            "steps": self.planned_steps(),
+        })
 
 
 def _analyse_and_estimate(deploy_path: Path, framework: str, device: str,
@@ -242,8 +278,9 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     model_info = {"train_samples": len(dataset.x_train), "calib_samples": len(dataset.x_calib)}
 
     # Step 2: the FP32 baseline in the same deploy format, so ratios compare like for like.
-    tracker = ProgressTracker(sink, [("baseline", BASELINE_ESTIMATE_S)])
-    tracker(0.0, "exporting the FP32 baseline")
+    # The techniques' ETAs need its MACs and layer count, so the export and the analysis come
+    # before the first message, which then carries the whole plan.
+    plan_started = time.monotonic()  # the ETA's clock: loading the model and data is behind us
     baseline_deploy = backend.export_deploy(model, output_dir / f"baseline{backend.deploy_suffix}")
     analysis, baseline_estimates = _analyse_and_estimate(baseline_deploy, spec.framework, spec.target_device)
     sink.analysis(analysis)
@@ -254,13 +291,6 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     if spec.plan == "budget":
         dataset, training_subset = _training_subset(dataset, analysis.get("macs"), int(config.get("seed", 0)))
         model_info["train_samples"] = len(dataset.x_train)
-    tracker(0.5, "measuring the baseline")
-    baseline = evaluate(backend, baseline_deploy, dataset)
-    baseline.update(params=analysis.get("params"), macs=analysis.get("macs"),
-                    estimates=baseline_estimates,
-                    artifacts={"deploy": baseline_deploy, "native": Path(spec.model_path)})
-    sink.baseline(baseline)
-
     configs = {
         name: TechniqueConfig(output_dir=output_dir,
                               options=config.get("techniques", {}).get(name, {}),
@@ -281,8 +311,14 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
             sink.run_finished(name, finished[name])
     if spec.plan == "budget":
         todo.sort(key=lambda name: estimates[name])
-    steps = [("baseline", BASELINE_ESTIMATE_S)] + [(name, estimates[name]) for name in todo]
-    tracker.steps, tracker.total = steps, sum(s for _, s in steps)
+    tracker = ProgressTracker(sink, [("baseline", BASELINE_ESTIMATE_S, 0.0)] + [
+        (name, estimates[name], MEASURE_ESTIMATE_S) for name in todo], started=plan_started)
+    tracker(0.5, "measuring the FP32 baseline")
+    baseline = evaluate(backend, baseline_deploy, dataset)
+    baseline.update(params=analysis.get("params"), macs=analysis.get("macs"),
+                    estimates=baseline_estimates,
+                    artifacts={"deploy": baseline_deploy, "native": Path(spec.model_path)})
+    sink.baseline(baseline)
     tracker(1.0, f"baseline: accuracy {baseline['accuracy']:.3f}, {baseline['size_bytes']} bytes")
 
     # Step 3: the techniques, one after another.
@@ -314,6 +350,7 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     # Step 4: the recommendation over every finished run, earlier attempts included.
     runs = [{"technique": name, **finished[name]} for name in spec.techniques if name in finished]
     if status == "completed":
+        tracker.finish("every technique measured; ranking the results")
         sink.recommendation(recommend(baseline, runs, spec.goal, spec.constraints))
     return status
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-from optimization.base import FRAMEWORKS, Backend
+from optimization.base import FRAMEWORKS, LAYOUTS, Backend  # noqa: F401  (LAYOUTS: re-exported)
 
-LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 RUNTIMES = {"pytorch": "onnxruntime", "tensorflow": "tflite"}
 
 

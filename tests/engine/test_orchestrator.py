@@ -242,7 +242,7 @@ def test_stop_during_a_technique_is_seen_within_one_progress_call(engine):
 
 def test_progress_raises_experiment_stopped_when_the_sink_says_stop(engine):
     sink = ListSink(stop_after_messages=0)
-    tracker = orchestrator.ProgressTracker(sink, [("baseline", 1.0)])
+    tracker = orchestrator.ProgressTracker(sink, [("baseline", 1.0, 0.0)])
     with pytest.raises(ExperimentStopped):
         tracker(0.5, "x")
 
