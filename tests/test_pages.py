@@ -158,12 +158,12 @@ def test_results_page_draws_the_chart_with_the_vendored_library_and_an_axis_sele
 
 def stopped_experiment(ready_experiment):
     """ptq_int8 finished, qat stopped by the user, the rest never started."""
+    from experiments.attempts import claim
     from experiments.sink import DjangoSink
 
     experiment = ready_experiment
     experiment.enqueue()
-    experiment.mark_running()
-    sink = DjangoSink(experiment)
+    sink = DjangoSink(experiment, claim(experiment.pk))
     sink.output_dir.mkdir(parents=True)
     (sink.output_dir / "ptq_int8.onnx").write_bytes(b"\x08\x07onnx")
     sink.baseline({"accuracy": 0.95, "size_bytes": 4000, "latency_ms": 0.05, "estimates": {}})
@@ -316,11 +316,11 @@ def test_results_page_describes_runs_in_words_with_spreads_noise_and_layers(clie
 
 
 def test_two_results_side_by_side(client, finished_experiment):
-    from experiments.sink import DjangoSink
+    from experiments.models import OptimizationRun
 
-    sink = DjangoSink(finished_experiment)
-    sink.run_finished("qat", {"status": "completed", "accuracy": 0.96, "accuracy_drop": -1.0, "size_bytes": 1200,
-                              "compression_ratio": 3.3, "latency_ms": 0.31, "speedup": 1.6, "details": {"epochs": 2}})
+    OptimizationRun.objects.create(experiment=finished_experiment, technique="qat", status="completed", accuracy=0.96,
+                                   accuracy_drop=-1.0, size_bytes=1200, compression_ratio=3.3, latency_ms=0.31,
+                                   speedup=1.6, details={"epochs": 2})
 
     page = client.get(f"/experiments/{finished_experiment.pk}/results/?compare=qat&compare=ptq_int8").content.decode()
 
