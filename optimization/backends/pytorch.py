@@ -34,6 +34,8 @@ OUTPUT_NAME = "logits"
 # gives an eager nn.Module (prunable, trainable) instead of a flat exported graph.
 ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
+# The batch sizes a model takes unless its export says otherwise (torch.export's Dim range).
+DEFAULT_BATCH_RANGE = (1, 4096)
 # One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
 # processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
 torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
@@ -137,19 +139,38 @@ def _load_exported(path: Path, num_classes: int | None) -> LoadedModel:
         module = zoo.build(spec["name"], spec["num_classes"], input_shape[0], **spec["kwargs"])
         module.load_state_dict(program.state_dict)
         return LoadedModel("pytorch", module, input_shape, spec["num_classes"], path, "pt2", spec["name"])
-    module, preparation = _prepare_graph(program.module(), input_shape)
+    module, preparation = _prepare_graph(program.module(), input_shape, _exported_batch_range(program, placeholder[0]))
     classes = num_classes or _output_classes(module, input_shape)
     return LoadedModel("pytorch", module, input_shape, classes, path, "pt2", preparation=preparation)
 
 
-def _prepare_graph(module, input_shape: tuple):
+def _exported_batch_range(program, placeholder) -> tuple[int, int] | None:
+    """The batch sizes a torch.export program accepts: the range torch recorded for a dynamic
+    batch dimension (a `Dim("batch", min=..., max=...)`; torch raises a min of 1 to 2), or None
+    for a batch fixed at export."""
+    batch = placeholder.meta["val"].shape[0]
+    if isinstance(batch, int):
+        return None
+    limits = program.range_constraints.get(batch.node.expr)
+    lower = int(limits.lower) if limits is not None and limits.lower.is_Integer else DEFAULT_BATCH_RANGE[0]
+    upper = int(limits.upper) if limits is not None and limits.upper.is_Integer else DEFAULT_BATCH_RANGE[1]
+    return max(lower, 1), upper
+
+
+def _prepare_graph(module, input_shape: tuple, exported_range: tuple[int, int] | None = None):
     """Module-ise an exported graph and, if it was exported for a fixed batch, generalise it to
-    any batch; where that fails, mark the batch it only runs (see pytorch_graph)."""
+    any batch; where that fails, mark the batch it only runs (see pytorch_graph). A graph
+    exported with a dynamic batch keeps the range it was exported for: its shape check stays in
+    the graph, and every step picks its batch sizes within that range."""
     placeholder = next(node for node in module.graph.nodes if node.op == "placeholder")
     batch = placeholder.meta["val"].shape[0]
     module, fixed, preparation = prepare_exported_module(module, batch if isinstance(batch, int) else None,
                                                          input_shape)
     mark_fixed_batch(module, fixed)
+    if exported_range:
+        mark_batch_range(module, exported_range)
+        preparation["batch"] = (f"dynamic in the export, batches {exported_range[0]} to {exported_range[1]}: "
+                                f"training, calibration and evaluation use batch sizes in that range")
     set_eval(module)
     return module, preparation
 
@@ -224,17 +245,35 @@ def _output_classes(module, input_shape: tuple) -> int:
         return int(module(_example(input_shape, module)).shape[-1])
 
 
+def batch_range(module) -> tuple[int, int]:
+    """The batch sizes `module` accepts, (min, max): the range a dynamic export declared, one
+    size for a fixed-batch export that could not be generalised, else DEFAULT_BATCH_RANGE."""
+    return getattr(module, "edgeopt_batch_range", DEFAULT_BATCH_RANGE)
+
+
+def mark_batch_range(module, limits: tuple[int, int] | None):
+    """Record on `module` (e.g. a re-traced copy) the batch sizes it accepts."""
+    if limits and tuple(limits) != DEFAULT_BATCH_RANGE:
+        module.edgeopt_batch_range = (int(limits[0]), int(limits[1]))
+    return module
+
+
+def batch_size_within(module, wanted: int) -> int:
+    """`wanted`, moved into the batch range `module` accepts."""
+    lower, upper = batch_range(module)
+    return min(max(wanted, lower), upper)
+
+
 def fixed_batch(module) -> int | None:
     """The only batch size a model exported with a static batch dimension that could not be
     generalised accepts (else None)."""
-    return getattr(module, "edgeopt_fixed_batch", None)
+    lower, upper = batch_range(module)
+    return lower if lower == upper else None
 
 
 def mark_fixed_batch(module, batch: int | None):
     """Record on `module` (e.g. a re-traced copy) that it only runs batches of `batch`."""
-    if batch:
-        module.edgeopt_fixed_batch = batch
-    return module
+    return mark_batch_range(module, (batch, batch) if batch else None)
 
 
 def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
@@ -246,13 +285,15 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
 
 def _example(input_shape: tuple, module=None) -> torch.Tensor:
     # batch 2, not 1: torch.export specialises a dimension whose example size is 1
-    return torch.zeros(fixed_batch(module) or 2, *input_shape)
+    return torch.zeros(batch_size_within(module, 2), *input_shape)
 
 
 def export_program(module, input_shape: tuple) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension, unless the model only takes a fixed batch."""
+    """torch.export with a dynamic batch dimension over the batch sizes the model accepts,
+    unless it only takes a fixed batch."""
     set_eval(module)
-    dynamic = None if fixed_batch(module) else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    lower, upper = batch_range(module)
+    dynamic = None if lower == upper else ({0: torch.export.Dim("batch", min=lower, max=upper)},)
     return torch.export.export(module, (_example(input_shape, module),), dynamic_shapes=dynamic)
 
 
@@ -332,16 +373,16 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = PREDICT_BAT
 
 
 def predict_torch(module, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Logits in chunks of `batch_size` moved into the model's batch range, a chunk under the
+    smallest batch it takes padded with zero samples."""
     set_eval(module)
-    fixed = fixed_batch(module)
-    batch_size = fixed or batch_size
+    smallest = batch_range(module)[0]
+    batch_size = batch_size_within(module, batch_size)
     x = np.asarray(x, dtype=np.float32)
     chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     with torch.no_grad():
-        return np.concatenate([
-            module(torch.from_numpy(pad_batch(chunk, fixed) if fixed else chunk)).numpy()[:len(chunk)]
-            for chunk in chunks
-        ])
+        return np.concatenate([module(torch.from_numpy(pad_batch(chunk, smallest))).numpy()[:len(chunk)]
+                               for chunk in chunks])
 
 
 def train(module, dataset, epochs: int, lr: float, progress: ProgressFn,
@@ -354,16 +395,17 @@ def train(module, dataset, epochs: int, lr: float, progress: ProgressFn,
     ExperimentStopped raised by progress propagates and stops at once. `after_step` runs after
     each optimizer step (e.g. to keep pruned weights at zero). `cosine` decays the learning rate
     to zero over the run, step by step (recovery after pruning settles better than at a constant
-    rate). A model that only takes a fixed batch trains in batches of that size. Returns the last
+    rate). A model whose export limits its batch size trains in batches within those limits (a
+    fixed batch: of that size), leaving out a last batch smaller than it takes. Returns the last
     epoch's metrics."""
     set_seed(seed)
     loss_fn = loss_fn or (lambda logits, targets, inputs: nn.functional.cross_entropy(logits, targets))
     optimizer = optimizer or torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     x = torch.from_numpy(np.asarray(dataset.x_train, dtype=np.float32))
     y = torch.from_numpy(np.asarray(dataset.y_train, dtype=np.int64))
-    batch_size = fixed_batch(module) or batch_size
-    # a fixed-batch model cannot take the last, smaller batch: it is left out of each epoch
-    batches = max(1, len(x) // batch_size if fixed_batch(module) else -(-len(x) // batch_size))
+    batch_size = batch_size_within(module, batch_size)
+    last = len(x) % batch_size
+    batches = max(1, len(x) // batch_size + (1 if last and last >= batch_range(module)[0] else 0))
     total_steps = max(1, epochs * batches)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cosine else None
     start, end = progress_span

@@ -315,7 +315,7 @@ def prune_channels(module, input_shape: tuple, ratio: float,
     classifier = getattr(module, "classifier", None)
     ignored = [classifier] if isinstance(classifier, torch.nn.Linear) else [
         m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    example = torch.zeros(backend.fixed_batch(module) or 1, *input_shape)
+    example = torch.zeros(backend.batch_size_within(module, 1), *input_shape)
     backend.set_eval(module)
     unrounded = _prune_consistently(module, example, ratio, None, ignored)
     if not round_to:
