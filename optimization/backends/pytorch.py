@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -290,32 +291,57 @@ def _example(input_shape: tuple, module=None) -> torch.Tensor:
 
 def export_program(module, input_shape: tuple) -> torch.export.ExportedProgram:
     """torch.export with a dynamic batch dimension over the batch sizes the model accepts,
-    unless it only takes a fixed batch."""
+    unless it only takes a fixed batch. Made once per module and state of its weights (see
+    _exports): the baseline, the post-training techniques and their .pt2 share it."""
     set_eval(module)
-    lower, upper = batch_range(module)
-    dynamic = None if lower == upper else ({0: torch.export.Dim("batch", min=lower, max=upper)},)
-    return torch.export.export(module, (_example(input_shape, module),), dynamic_shapes=dynamic)
+    cached = _exports(module, input_shape)
+    if "program" not in cached:
+        lower, upper = batch_range(module)
+        dynamic = None if lower == upper else ({0: torch.export.Dim("batch", min=lower, max=upper)},)
+        cached["program"] = torch.export.export(module, (_example(input_shape, module),), dynamic_shapes=dynamic)
+    return cached["program"]
 
 
 def export_onnx(module, input_shape: tuple, path: Path) -> Path:
     """FP32 ONNX through the maintained dynamo exporter (torch.export -> ONNX), weights inside
-    the file (no external data) so the file size is the download size."""
+    the file (no external data) so the file size is the download size. Exported once per
+    module and state of its weights; later calls write the same bytes."""
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(module, input_shape)
-    onnx_program = torch.onnx.export(
-        program, (_example(input_shape, module),), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
-    )
-    model = onnx_program.model_proto
-    for node in model.graph.node:
-        # the exporter annotates every node with Python stack traces and module paths: debugging
-        # aids that made a MobileNet's download 6% larger and disclose source paths
-        del node.metadata_props[:]
-    onnx.save(model, str(path))
+    cached = _exports(module, input_shape)
+    if "onnx" not in cached:
+        onnx_program = torch.onnx.export(
+            program, (_example(input_shape, module),), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+        )
+        model = onnx_program.model_proto
+        for node in model.graph.node:
+            # the exporter annotates every node with Python stack traces and module paths: debugging
+            # aids that made a MobileNet's download 6% larger and disclose source paths
+            del node.metadata_props[:]
+        cached["onnx"] = model.SerializeToString()
+    path.write_bytes(cached["onnx"])
     return path
+
+
+# module -> its exports ("program", "onnx" bytes) for one state of its weights and one input
+# shape. Held weakly: a module's exports go when the module goes (one experiment's loaded model).
+_EXPORT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _exports(module, input_shape: tuple) -> dict:
+    """The cache entry of `module`'s exports, emptied when its weights changed since: every
+    in-place update (an optimizer step, load_state_dict, pruning) bumps a tensor's version."""
+    state = (tuple(input_shape), batch_range(module), tuple(
+        (id(tensor), tensor._version) for tensor in (*module.parameters(), *module.buffers())))
+    entry = _EXPORT_CACHE.get(module)
+    if entry is None or entry[0] != state:
+        entry = (state, {})
+        _EXPORT_CACHE[module] = entry
+    return entry[1]
 
 
 def save_pt2(module, input_shape: tuple, path: Path, architecture: str | None = None,
