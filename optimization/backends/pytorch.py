@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -73,13 +72,12 @@ class PyTorchBackend:
     def export_deploy(self, model: LoadedModel, path: Path) -> Path:
         path = Path(path)
         if model.source_format == "onnx":
-            shutil.copyfile(model.module, path)
-            return path
+            return write_onnx_upload(model.source_path, path)
         return export_onnx(model.module, model.input_shape, path)
 
     def save_native(self, model: LoadedModel, path: Path) -> Path:
-        if model.source_format == "onnx":
-            raise InvalidInputError("an ONNX upload has no PyTorch form to save; only its .onnx is kept")
+        if model.source_format == "onnx" and not model.trainable:
+            raise InvalidInputError("this ONNX upload has no PyTorch form to save; only its .onnx is kept")
         return save_pt2(model.module, model.input_shape, Path(path), model.architecture, model.num_classes)
 
     def predict(self, deploy_path: Path, x) -> np.ndarray:
@@ -117,6 +115,11 @@ BACKEND = PyTorchBackend()
 # --------------------------------------------------------------------------- loading
 
 def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -> LoadedModel:
+    """An ONNX upload: its own file is the FP32 deploy model, and where onnx2torch converts it
+    to a module giving onnxruntime's outputs, that module is what the training techniques train
+    (else they are skipped, with the reason in `preparation`)."""
+    from optimization.backends.onnx_to_torch import convert
+
     session = ort_session(path)
     declared = session.get_inputs()[0].shape[1:]
     shape = tuple(input_shape) if input_shape else tuple(declared)
@@ -124,7 +127,35 @@ def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -
         raise InvalidInputError(f"{path.name} has a symbolic input shape {declared}; give input_shape")
     outputs = session.get_outputs()[0].shape
     classes = num_classes or (outputs[-1] if isinstance(outputs[-1], int) else None)
-    return LoadedModel("pytorch", str(path), shape, classes, path, "onnx", trainable=False)
+    module, conversion = convert(path, shape)
+    if module is not None:
+        try:  # the trained models are exported again: a module torch.export cannot trace is no use
+            export_program(module, shape)
+        except Exception as error:
+            module, conversion = None, {"converted": False,
+                                        "reason": f"onnx2torch's module cannot be re-exported by torch.export: "
+                                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"}
+    preparation = {"pytorch_form": conversion}
+    if module is None:
+        preparation["training"] = f"not possible: {conversion['reason']}"
+    return LoadedModel("pytorch", module if module is not None else str(path), shape, classes, path, "onnx",
+                       trainable=module is not None, preparation=preparation)
+
+
+def write_onnx_upload(source: Path, path: Path) -> Path:
+    """The deploy copy of an ONNX upload: the same graph with its initializers as weights only.
+    An export made with keep_initializers_as_inputs=True also lists every weight as a graph
+    input, which a quantizer then leaves as an input the caller must feed."""
+    import onnx
+
+    model = onnx.load(str(source))
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in weights]
+    if len(inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
+    return path
 
 
 def _load_exported(path: Path, num_classes: int | None) -> LoadedModel:

@@ -57,8 +57,8 @@ class PyTorchTechnique(BaseOptimization):
         deploy, native = self.paths(config)
         if model.preparation:
             details.setdefault("model_preparation", model.preparation)
-        if model.source_format == "onnx":
-            details["native"] = "none: the model was uploaded as ONNX, so there is no PyTorch form"
+        if model.source_format == "onnx" and deploy_written:
+            details["native"] = "none: the model was uploaded as ONNX; its weights changed only in the ONNX file"
             return OptimizedResult({"deploy": deploy}, details)
         if not deploy_written:
             backend.export_onnx(module, model.input_shape, deploy)
