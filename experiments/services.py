@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Sum
 
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
 from optimization.datasets import IMAGE_SUFFIXES
 from optimization.safety.archives import check_zip_archive
+from optimization.safety.images import check_zipped_images
+from optimization.zoo.layouts import check_architecture_name
 
 from . import storage
 from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile
@@ -61,14 +65,24 @@ def storage_failures_as_service_errors():
         raise ServiceError(exc.message, exc.status) from None
 
 
-def visible_experiments(user):
-    """The experiments `user` may see: the one place the per-user filter goes when accounts
-    come (the API, the pages and the WebSocket all look experiments up through it)."""
-    return Experiment.objects.select_related("progress")
+def visible_experiments(user, *, staff_sees_all: bool = False):
+    """The experiments `user` may see: the one place that scopes by owner. The API, the
+    pages, the downloads and the WebSocket look experiments up only through it, so another
+    user's experiment is "not found" everywhere. Only the admin passes `staff_sees_all`."""
+    experiments = Experiment.objects.select_related("progress", "owner")
+    if user is None or not user.is_authenticated:
+        return experiments.none()
+    if staff_sees_all and user.is_staff:
+        return experiments
+    return experiments.filter(owner=user)
 
 
 def max_upload_bytes() -> int:
     return settings.EDGEOPT_MAX_UPLOAD_MB * 1024 * 1024
+
+
+def max_dataset_bytes() -> int:
+    return settings.EDGEOPT_MAX_DATASET_MB * 2**20
 
 
 # -- uploads -------------------------------------------------------------------------------
@@ -94,9 +108,10 @@ def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
 
 
 def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
-                 architecture: str = "") -> CheckedUpload:
+                 architecture: str = "", experiment_config: dict | None = None) -> CheckedUpload:
     """Copy the upload into storage's temp folder and check it; raise ServiceError (400 or
-    413) and keep nothing when it is refused."""
+    413) and keep nothing when it is refused. `experiment_config` is what the experiment
+    already knows (its input_shape), which the file must agree with."""
     kind = kind or "model"
     if kind not in UPLOAD_KINDS:
         raise ServiceError(f"kind must be 'model' or 'dataset', not {kind!r}", field="kind")
@@ -110,6 +125,7 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
             f"the file is {uploaded.size / 2**20:.1f} MB; uploads are limited to "
             f"{settings.EDGEOPT_MAX_UPLOAD_MB} MB", status=413, field="file")
     options = _model_options(suffix, input_shape, architecture) if kind == "model" else {}
+    known_shape = options.get("input_shape") or (experiment_config or {}).get("input_shape")
 
     digest = hashlib.sha256()
 
@@ -124,7 +140,7 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
     try:
         if size == 0:
             raise ServiceError(f"{uploaded.name!r} is empty", field="file")
-        _check_content(temp_path, suffix, kind, framework, uploaded.name)
+        _check_content(temp_path, suffix, kind, framework, uploaded.name, options, known_shape)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
@@ -150,8 +166,10 @@ def _model_options(suffix: str, input_shape: str, architecture: str) -> dict:
     if input_shape:
         options["input_shape"] = parse_input_shape(input_shape)
     if architecture:
-        if not storage.SAFE_NAME.match(architecture):
-            raise ServiceError(f"architecture {architecture!r} is not a valid name", field="architecture")
+        try:
+            check_architecture_name(architecture)
+        except InvalidInputError as exc:
+            raise ServiceError(str(exc), field="architecture") from None
         options["architecture"] = architecture
     if suffix == ".pth" and "architecture" not in options:
         raise ServiceError(
@@ -174,7 +192,9 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> None:
+def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str,
+                   options: dict, known_shape: list[int] | None) -> None:
+    label = repr(original_name)
     expected = EXPECTED_CONTENT[suffix]
     if _sniff(path) not in expected:
         words = " or ".join(CONTENT_WORDS[c] for c in expected)
@@ -183,9 +203,11 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
         _check_zip_layout(path, suffix, kind, original_name)
     try:
         if suffix == ".npz":
-            from optimization.safety.npz_check import read_npz_headers
+            from optimization.safety.npz_check import check_samples_fit, read_npz_headers
 
-            read_npz_headers(path, original_name, settings.EDGEOPT_MAX_DATASET_MB * 2**20)
+            headers = read_npz_headers(path, original_name, max_dataset_bytes())
+            if known_shape:
+                check_samples_fit(headers, known_shape, framework, original_name)
         elif suffix == ".onnx":
             from optimization.safety.onnx_check import check_onnx_file
 
@@ -194,12 +216,46 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
             from optimization.safety.pickle_scan import check_torch_archive
 
             check_torch_archive(path)
+            _check_torch_file(path, suffix, label, options, known_shape)
         elif suffix in (".keras", ".h5"):
             from optimization.safety.keras_check import check_keras_file
 
             check_keras_file(path)
     except (UnsafeModelError, InvalidInputError) as exc:
         raise ServiceError(str(exc).replace(path.name, original_name), field="file") from None
+
+
+def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_shape) -> None:
+    """A .pt must be TorchScript, which does not record its input shape; a .pt2 a torch.export
+    archive; a .pth a state_dict of the architecture it names. All read without torch."""
+    from optimization.safety.torch_files import state_dict_shapes, torch_file_kind
+    from optimization.zoo.layouts import match_state_dict
+
+    kind = torch_file_kind(path)
+    if suffix == ".pt":
+        if kind == "exported":
+            raise InvalidInputError(f"{label} is a torch.export archive, not TorchScript: name it .pt2")
+        if kind == "saved":
+            raise InvalidInputError(
+                f"{label} was written by torch.save, not torch.jit.save: upload a state_dict as .pth with "
+                "its architecture, or save the model with torch.jit.save (.pt) or torch.export (.pt2)")
+        if kind != "torchscript":
+            raise InvalidInputError(f"{label} is not a TorchScript archive: save the model with torch.jit.save")
+        if not known_shape:
+            raise ServiceError(
+                f"{label} is TorchScript, which does not record its input shape: give input_shape, one "
+                "sample without the batch, e.g. 1,28,28 (or upload a torch.export .pt2, which records it)",
+                field="input_shape")
+    elif suffix == ".pt2" and kind in ("torchscript", "saved"):  # unknown layouts are the loader's call
+        raise InvalidInputError(f"{label} is not a torch.export archive: save the model with torch.export.save "
+                                "(a TorchScript file is a .pt, a state_dict a .pth)")
+    elif suffix == ".pth":
+        dims = match_state_dict(state_dict_shapes(path, label), options["architecture"], label)
+        if known_shape and "in_channels" in dims and known_shape[0] != dims["in_channels"]:
+            raise ServiceError(
+                f"input_shape {list(known_shape)} starts with {known_shape[0]} channels but the weights in "
+                f"{label} take {dims['in_channels']}: give input_shape as channels first, e.g. "
+                f"{dims['in_channels']},32,32", field="input_shape")
 
 
 def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) -> None:
@@ -212,11 +268,16 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
         raise ServiceError(message, field="file") from None
     files = {PurePosixPath(m.filename) for m in members if not m.is_dir()}
     if suffix == ".zip" and kind == "dataset":
-        classes = {p.parent.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-        if len(classes) < 2:
+        images = [m.filename for m in members
+                  if not m.is_dir() and PurePosixPath(m.filename).suffix.lower() in IMAGE_SUFFIXES]
+        if len({PurePosixPath(name).parent.name for name in images}) < 2:
             raise ServiceError(
                 f"{original_name!r} must be a zip of class folders of images (ImageFolder): "
                 "at least two folders with .png/.jpg files", field="file")
+        try:
+            check_zipped_images(path, images, repr(original_name), max_dataset_bytes())
+        except InvalidInputError as exc:
+            raise ServiceError(str(exc), field="file") from None
     if suffix == ".zip" and kind == "model" and not any(p.name == "saved_model.pb" for p in files):
         raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
 
@@ -279,7 +340,8 @@ def upload(experiment: Experiment, uploaded, kind: str = "model", input_shape: s
            architecture: str = "") -> ModelFile:
     if experiment.is_active:
         raise ServiceError(f"the experiment is {experiment.status}; stop it before uploading", status=409)
-    checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture)
+    check_storage_quota(experiment.owner, uploaded.size, replacing=_replaced_by(experiment, kind))
+    checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture, experiment.config)
     return place_upload(experiment, checked)
 
 
@@ -295,9 +357,10 @@ def sha256_of(path: Path) -> str:
 
 
 @transaction.atomic
-def create_experiment(data: dict) -> Experiment:
+def create_experiment(data: dict, *, owner) -> Experiment:
     """`data` is the cleaned data of forms.ExperimentForm (pretrained_path resolved there)."""
     experiment = Experiment.objects.create(
+        owner=owner,
         name=data["name"],
         framework=data["framework"],
         target_device=data["target_device"],
@@ -326,6 +389,7 @@ def start_experiment(experiment: Experiment) -> None:
     if experiment.dataset == "custom" and experiment.dataset_file() is None:
         raise ServiceError("the dataset is 'custom': upload it (kind=dataset) before starting", 409)
     with transaction.atomic():
+        check_active_quota(experiment)
         try:
             experiment.enqueue()
         except InvalidTransition as exc:
@@ -353,18 +417,19 @@ def delete_experiment(experiment: Experiment) -> None:
     experiment.delete()
 
 
-def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experiment:
+def create_and_start(data: dict, model_file=None, dataset_file=None, *, owner) -> Experiment:
     """The setup page in one step: check the uploads, then create, place and start
     together so a refused file leaves no half-made experiment behind."""
+    check_storage_quota(owner, sum(f.size for f in (model_file, dataset_file) if f))
     checked = []
     try:
         if model_file:
             checked.append(check_upload(data["framework"], model_file, "model",
-                                        data.get("input_shape", ""), data.get("architecture", "")))
+                                        data.get("input_shape", ""), data.get("architecture", ""), data.get("config")))
         if dataset_file:
-            checked.append(check_upload(data["framework"], dataset_file, "dataset"))
+            checked.append(check_upload(data["framework"], dataset_file, "dataset", experiment_config=data.get("config")))
         with transaction.atomic():
-            experiment = create_experiment(data)
+            experiment = create_experiment(data, owner=owner)
             for upload_ in checked:
                 place_upload(experiment, upload_)
             start_experiment(experiment)
@@ -372,3 +437,45 @@ def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experime
         for upload_ in checked:
             upload_.discard()
     return experiment
+
+
+# -- quotas --------------------------------------------------------------------------------
+
+
+def check_active_quota(experiment: Experiment) -> None:
+    """429 when the owner already has EDGEOPT_MAX_ACTIVE_PER_USER experiments queued or
+    running. Call inside the transaction that queues: the owner's row is locked first, so
+    two starts at once cannot both pass the count."""
+    owner = get_user_model().objects.select_for_update().get(pk=experiment.owner_id)
+    limit = settings.EDGEOPT_MAX_ACTIVE_PER_USER
+    active = owner.experiments.filter(status__in=Experiment.ACTIVE).exclude(pk=experiment.pk).count()
+    if active >= limit:
+        raise ServiceError(
+            f"you already have {active} experiment(s) queued or running, the most one user may have "
+            f"({limit}); wait for one to finish or stop one, then start this again", 429)
+
+
+def storage_used_bytes(owner, exclude=()) -> int:
+    """Bytes of the stored files of `owner`'s experiments: uploads, datasets, results.
+    Pretrained models are shared by everyone and count for no one."""
+    files = ModelFile.objects.filter(experiment__owner=owner).exclude(role=ModelFile.Role.PRETRAINED)
+    return files.exclude(pk__in=[f.pk for f in exclude]).aggregate(total=Sum("size_bytes"))["total"] or 0
+
+
+def _replaced_by(experiment: Experiment, kind: str) -> list[ModelFile]:
+    """The stored files an upload of `kind` replaces: their bytes are freed by it."""
+    roles = (ModelFile.Role.UPLOAD,) if kind != "dataset" else (ModelFile.Role.DATASET,)
+    return list(experiment.files.filter(role__in=roles))
+
+
+def check_storage_quota(owner, incoming_bytes: int, replacing=()) -> None:
+    """413 when `incoming_bytes` more would take `owner` over EDGEOPT_MAX_STORAGE_MB_PER_USER.
+    Checked at upload; the results a run writes count once written, so a user near the limit
+    is stopped at the next upload, not in the middle of a run."""
+    limit = settings.EDGEOPT_MAX_STORAGE_MB_PER_USER * 2**20
+    used = storage_used_bytes(owner, exclude=replacing)
+    if used + incoming_bytes > limit:
+        raise ServiceError(
+            f"this upload ({incoming_bytes / 2**20:.1f} MB) would take your stored files to "
+            f"{(used + incoming_bytes) / 2**20:.1f} MB, over your {settings.EDGEOPT_MAX_STORAGE_MB_PER_USER} MB; "
+            "delete experiments you no longer need, then upload again", 413, field="file")

@@ -74,7 +74,7 @@ def run_experiment(experiment_id: int) -> str:
             error = "the run failed; each technique's error is in its row"
     except Exception as exc:
         logger.exception("experiment %s failed", experiment_id)
-        status, error = Experiment.Status.FAILED, f"{type(exc).__name__}: {exc}"
+        status, error = Experiment.Status.FAILED, storage.public_error(f"{type(exc).__name__}: {exc}")
     experiment.refresh_from_db()
     experiment.finish(status, error=error)
     notify(experiment_id)

@@ -341,6 +341,7 @@ def _read_class_folders(root: Path, classes: list[str], preprocessing: dict) -> 
     from PIL import Image, UnidentifiedImageError
 
     from optimization.base import InvalidInputError
+    from optimization.safety.images import image_size
 
     files = [(label, f) for label, c in enumerate(classes)
              for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -348,6 +349,7 @@ def _read_class_folders(root: Path, classes: list[str], preprocessing: dict) -> 
         raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders {classes}")
     images, labels = [], []
     for label, file in files:
+        image_size(file, f"{file.name} in class {classes[label]!r}")  # the upload's cap, before decoding
         try:
             with Image.open(file) as image:
                 image.load()

@@ -22,6 +22,7 @@ from optimization.base import (
     ProgressFn,
     UnsafeModelError,
 )
+from optimization.atomic import atomic_output
 from optimization.backends.pytorch_graph import prepare_exported_module
 from optimization.evaluator import steady_latency_ms
 from optimization.safety.pickle_scan import check_torch_archive
@@ -95,15 +96,18 @@ class PyTorchBackend:
             for chunk in chunks
         ])
 
-    def latency_ms(self, deploy_path: Path, sample) -> float:
-        """Batch-1 latency in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers compare across
-        models on a shared machine), timed by `evaluator.steady_latency_ms`."""
+    def latency_invoker(self, deploy_path: Path, sample) -> Callable[[], object]:
+        """One batch-1 inference in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers
+        compare across models on a shared machine), ready to be timed by the evaluator."""
         session = ort_session(deploy_path, threads=1)
         sample = np.asarray(sample, dtype=np.float32)
         if sample.ndim == len(session.get_inputs()[0].shape) - 1:
             sample = sample[None]
         feed = {session.get_inputs()[0].name: sample[:1]}
-        return steady_latency_ms(lambda: session.run(None, feed))
+        return lambda: session.run(None, feed)
+
+    def latency_ms(self, deploy_path: Path, sample) -> float:
+        return steady_latency_ms(self.latency_invoker(deploy_path, sample))
 
     def train_demo_model(self, dataset, path: Path) -> Path:
         return train_demo_model(dataset, path)
@@ -154,7 +158,8 @@ def write_onnx_upload(source: Path, path: Path) -> Path:
     if len(inputs) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(inputs)
-    onnx.save(model, str(path))
+    with atomic_output(path) as partial:
+        onnx.save(model, str(partial))
     return path
 
 
@@ -337,8 +342,6 @@ def export_onnx(module, input_shape: tuple, path: Path) -> Path:
     """FP32 ONNX through the maintained dynamo exporter (torch.export -> ONNX), weights inside
     the file (no external data) so the file size is the download size. Exported once per
     module and state of its weights; later calls write the same bytes."""
-    import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(module, input_shape)
@@ -354,7 +357,8 @@ def export_onnx(module, input_shape: tuple, path: Path) -> Path:
             # aids that made a MobileNet's download 6% larger and disclose source paths
             del node.metadata_props[:]
         cached["onnx"] = model.SerializeToString()
-    path.write_bytes(cached["onnx"])
+    with atomic_output(path) as partial:
+        partial.write_bytes(cached["onnx"])
     return path
 
 
@@ -386,7 +390,8 @@ def save_pt2(module, input_shape: tuple, path: Path, architecture: str | None = 
         extra_files[ARCHITECTURE_EXTRA_FILE] = json.dumps(
             {"name": architecture, "num_classes": num_classes, "kwargs": getattr(module, "zoo_kwargs", {})}
         )
-    torch.export.save(program, str(path), extra_files=extra_files)
+    with atomic_output(path) as partial:
+        torch.export.save(program, str(partial), extra_files=extra_files)
     return path
 
 

@@ -17,6 +17,7 @@ from optimization.base import (
     TechniqueConfig,
     TechniqueNotApplicable,
 )
+from optimization.atomic import atomic_output
 from optimization.backends import pytorch as backend
 
 # Cost model for estimate_time, measured on the shared 2-core dev machine with digits_cnn:
@@ -180,18 +181,19 @@ def _quantize_static(prepared: Path, calib_x: np.ndarray, weight_bits: int, op_t
     model_input = backend.ort_session(prepared).get_inputs()[0]
     # a model exported for a fixed batch (shape[0] an int) is calibrated in batches of that size
     fixed = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
-    quantize_static(
-        str(prepared), str(out_path), _ArrayReader(model_input.name, calib_x, fixed),
-        quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
-        per_channel=per_channel, activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
-        op_types_to_quantize=op_types,
-    )
-    # the pre-processing's shape annotations only help the quantizer; onnxruntime infers shapes
-    # again when it loads the model, so the deployed file goes without them
-    model = onnx.load(str(out_path))
-    del model.graph.value_info[:]
-    onnx.save(model, str(out_path))
+    with atomic_output(out_path) as partial:
+        quantize_static(
+            str(prepared), str(partial), _ArrayReader(model_input.name, calib_x, fixed),
+            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
+            per_channel=per_channel, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
+            op_types_to_quantize=op_types,
+        )
+        # the pre-processing's shape annotations only help the quantizer; onnxruntime infers
+        # shapes again when it loads the model, so the deployed file goes without them
+        model = onnx.load(str(partial))
+        del model.graph.value_info[:]
+        onnx.save(model, str(partial))
 
 
 def _choose_granularity(fp32_path: Path, out_path: Path, calib_x: np.ndarray, quantize) -> dict:
