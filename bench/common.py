@@ -74,10 +74,11 @@ def targets(int8_speedup: float) -> dict:
 
 
 def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
-                params_macs: tuple[int, int], technique_targets: dict) -> dict:
+                params_macs: tuple[int, int], technique_targets: dict, options: dict | None = None) -> dict:
     """Every technique on `model`, each deploy file compared with the model's FP32 deploy file.
 
-    `params_macs` is the baseline's (parameters, MACs), counted by the framework's own counter."""
+    `params_macs` is the baseline's (parameters, MACs), counted by the framework's own counter;
+    `options` maps a technique to options over its defaults (e.g. a smaller epoch budget)."""
     baseline_path = backend.export_deploy(model, work_dir / f"baseline{backend.deploy_suffix}")
     baseline = evaluate(backend, baseline_path, dataset)
     params, macs = params_macs
@@ -88,7 +89,7 @@ def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
     rows = []
     for name in TECHNIQUES:
         technique = get_technique(backend.framework, name)
-        config = TechniqueConfig(work_dir / name)
+        config = TechniqueConfig(work_dir / name, options=(options or {}).get(name, {}))
         estimate = technique.estimate_time(model_info, config)
         start = time.perf_counter()
         try:
