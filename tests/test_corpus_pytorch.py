@@ -41,7 +41,7 @@ def trained_timm(name: str, data, epochs: int = 4):
     return module.eval()
 
 
-def run_in_process(client, monkeypatch, model_path, data, techniques=None) -> tuple[int, dict]:
+def run_in_process(client, monkeypatch, model_path, data, techniques=None, input_shape=None) -> tuple[int, dict]:
     """Create, upload the model and the data, start, and run the worker's task here."""
     from experiments import tasks
 
@@ -54,8 +54,9 @@ def run_in_process(client, monkeypatch, model_path, data, techniques=None) -> tu
     response = client.post("/api/experiments/create", json.dumps(body), content_type="application/json")
     assert response.status_code == 201, response.content
     experiment_id = response.json()["id"]
+    shape = {"input_shape": ",".join(map(str, input_shape))} if input_shape else {}
     upload = client.post(f"/api/experiments/{experiment_id}/upload",
-                         {"file": SimpleUploadedFile(model_path.name, model_path.read_bytes())})
+                         {"file": SimpleUploadedFile(model_path.name, model_path.read_bytes()), **shape})
     assert upload.status_code == 200, upload.content
     dataset = npz(x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:])
     upload = client.post(f"/api/experiments/{experiment_id}/upload",
@@ -124,4 +125,17 @@ def test_a_timm_convnext_legacy_onnx_export_runs_the_post_training_techniques(cl
     experiment_id, results = run_in_process(client, monkeypatch, path, data, techniques=("ptq_int8", "ptq_int4"))
 
     assert [run["status"] for run in results["runs"]] == ["completed", "completed"]
+    assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)
+
+
+def test_a_timm_efficientnet_style_torchscript_file_runs_quantization_and_qat(client, monkeypatch, data, tmp_path):
+    """TorchScript records no input shape: the experiment's config gives it."""
+    from tests.foreign import save
+
+    path = save(trained_timm("tinynet_e", data, epochs=3), (3, SIDE, SIDE), tmp_path / "tinynet.pt", "pt")
+
+    experiment_id, results = run_in_process(client, monkeypatch, path, data, techniques=("ptq_int8", "ptq_int4", "qat"),
+                                            input_shape=[3, SIDE, SIDE])
+
+    assert [run["status"] for run in results["runs"]] == ["completed"] * 3, [run["error"] for run in results["runs"]]
     assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)
