@@ -28,10 +28,16 @@ ARCHITECTURES = {
 FORMATS = ("pt2", "pt", "onnx-dynamo", "onnx-legacy")
 
 
-def timm_model(name: str, num_classes: int, in_channels: int = 3, seed: int = 0) -> torch.nn.Module:
+def import_timm():
+    """timm, after torchvision's operator schemas are declared (timm imports torchvision)."""
     import_torchvision()
     import timm
 
+    return timm
+
+
+def timm_model(name: str, num_classes: int, in_channels: int = 3, seed: int = 0) -> torch.nn.Module:
+    timm = import_timm()
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 

@@ -17,7 +17,12 @@ from tests.test_full_experiments import npz, prototype_dataset
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("timm")
+try:
+    from tests.foreign import import_timm
+
+    import_timm()
+except ImportError:  # timm/torchvision are test extras, installed --no-deps by the Makefile
+    pytest.skip("timm is not installed", allow_module_level=True)
 
 FINE_TUNING = ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
 ONE_EPOCH = {"techniques": {name: {"epochs": 1} for name in FINE_TUNING}}
@@ -30,7 +35,13 @@ def data():
     return x.transpose(0, 3, 1, 2).copy(), y  # NCHW, the layout of the model's own input
 
 
-def trained_timm(name: str, data, epochs: int = 4):
+@pytest.fixture(scope="module")
+def mobilenet(data):
+    """Learns the data in 6 epochs (lcnet_035 needed more; batch-norm statistics lag)."""
+    return trained_timm("mobilenetv3_small_050", data, epochs=6)
+
+
+def trained_timm(name: str, data, epochs: int):
     from optimization.backends import pytorch as backend
     from tests.foreign import timm_model
 
@@ -82,10 +93,10 @@ def assert_downloads_reproduce_the_reported_accuracy(client, experiment_id: int,
 
 
 def test_a_timm_onnx_dynamo_export_is_converted_to_pytorch_and_completes_all_seven(client, monkeypatch, data,
-                                                                                    tmp_path):
+                                                                                    mobilenet, tmp_path):
     from tests.foreign import save
 
-    path = save(trained_timm("lcnet_035", data), (3, SIDE, SIDE), tmp_path / "lcnet.onnx", "onnx-dynamo")
+    path = save(mobilenet, (3, SIDE, SIDE), tmp_path / "mnv3.onnx", "onnx-dynamo")
 
     experiment_id, results = run_in_process(client, monkeypatch, path, data)
 
@@ -99,11 +110,10 @@ def test_a_timm_onnx_dynamo_export_is_converted_to_pytorch_and_completes_all_sev
 
 
 def test_a_timm_pt2_with_a_batch_range_below_the_training_batch_completes_all_seven(client, monkeypatch, data,
-                                                                                    tmp_path):
+                                                                                    mobilenet, tmp_path):
     from tests.foreign import save
 
-    path = save(trained_timm("mobilenetv3_small_050", data), (3, SIDE, SIDE), tmp_path / "mnv3.pt2", "pt2",
-                batch_range=(2, 48))
+    path = save(mobilenet, (3, SIDE, SIDE), tmp_path / "mnv3.pt2", "pt2", batch_range=(2, 48))
 
     experiment_id, results = run_in_process(client, monkeypatch, path, data)
 
