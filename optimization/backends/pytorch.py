@@ -37,6 +37,7 @@ ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
 # The batch sizes a model takes unless its export says otherwise (torch.export's Dim range).
 DEFAULT_BATCH_RANGE = (1, 4096)
+BATCH_RANGE_KEY = "edgeopt_batch_range"
 # One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
 # processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
 torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
@@ -285,13 +286,16 @@ def _output_classes(module, input_shape: tuple) -> int:
 def batch_range(module) -> tuple[int, int]:
     """The batch sizes `module` accepts, (min, max): the range a dynamic export declared, one
     size for a fixed-batch export that could not be generalised, else DEFAULT_BATCH_RANGE."""
-    return getattr(module, "edgeopt_batch_range", DEFAULT_BATCH_RANGE)
+    meta = getattr(module, "meta", None)
+    return meta.get(BATCH_RANGE_KEY, DEFAULT_BATCH_RANGE) if isinstance(meta, dict) else DEFAULT_BATCH_RANGE
 
 
 def mark_batch_range(module, limits: tuple[int, int] | None):
-    """Record on `module` (e.g. a re-traced copy) the batch sizes it accepts."""
+    """Record on `module` (e.g. a re-traced copy) the batch sizes it accepts. Only graph modules
+    have limits; the record goes in their `meta`, which copy.deepcopy keeps (other attributes
+    it drops)."""
     if limits and tuple(limits) != DEFAULT_BATCH_RANGE:
-        module.edgeopt_batch_range = (int(limits[0]), int(limits[1]))
+        module.meta[BATCH_RANGE_KEY] = (int(limits[0]), int(limits[1]))
     return module
 
 

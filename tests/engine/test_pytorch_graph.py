@@ -137,6 +137,7 @@ def test_a_dynamic_batch_export_trains_predicts_and_reexports_within_its_batch_r
     x = np.random.default_rng(0).standard_normal((301, 3, 8, 8)).astype(np.float32)
 
     assert backend.batch_range(model.module) == limits
+    assert backend.batch_range(copy.deepcopy(model.module)) == limits  # techniques work on copies
     assert f"batches {limits[0]} to {limits[1]}" in model.preparation["batch"]
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
