@@ -13,6 +13,7 @@ BENCHMARKS.md.
 
     nice -n 10 python bench/corpus_pytorch.py [--work-dir DIR] [--side 32] [--architectures a,b]
                                               [--formats pt2,onnx-dynamo] [--pretrain-epochs 6]
+                                              [--rotate-formats]
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def main() -> None:
                         help=f"families from {', '.join(ARCHITECTURES)}")
     parser.add_argument("--formats", default="pt2,onnx-dynamo", help=f"from {', '.join(FORMATS)}")
     parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--rotate-formats", action="store_true",
+                        help="one format per architecture, in turn (a quicker run that still covers each format)")
     args = parser.parse_args()
     keep_matrix_engine_out()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-bench-corpus-"))
@@ -56,7 +59,8 @@ def main() -> None:
     options = {name: {"epochs": FINE_TUNING_EPOCHS} for name in FINE_TUNING}
     results_path = RESULTS_DIR / "corpus_pytorch.json"
     results = []
-    for family in args.architectures.split(","):
+    formats = args.formats.split(",")
+    for index, family in enumerate(args.architectures.split(",")):
         name = ARCHITECTURES[family]
         module = timm_model(name, dataset.num_classes)
         started = time.perf_counter()
@@ -64,7 +68,7 @@ def main() -> None:
                       message=f"training {name}")
         trained_s = time.perf_counter() - started
         params_macs = backend.count_params_macs(module, dataset.input_shape)
-        for file_format in args.formats.split(","):
+        for file_format in [formats[index % len(formats)]] if args.rotate_formats else formats:
             path = save(module, dataset.input_shape, work_dir / f"{name}-{file_format}{suffix(file_format)}",
                         file_format)
             label = f"{name} ({family}) {args.side}x{args.side}, {file_format}"
