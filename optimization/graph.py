@@ -272,8 +272,9 @@ def _fold_shape_computations(model):
     static = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info, *graph.output]
               if v.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in v.type.tensor_type.shape.dim)}
+    integers = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer
-              if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and math.prod(init.dims) <= SHAPE_VALUE_LIMIT}
+              if init.data_type in integers and math.prod(init.dims) <= SHAPE_VALUE_LIMIT}
     folded = {}
     for node in graph.node:
         try:

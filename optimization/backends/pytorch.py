@@ -137,9 +137,9 @@ def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -
         try:  # the trained models are exported again: a module torch.export cannot trace is no use
             export_program(module, shape)
         except Exception as error:
-            module, conversion = None, {"converted": False,
-                                        "reason": f"onnx2torch's module cannot be re-exported by torch.export: "
-                                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"}
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            module, conversion = None, {"converted": False, "reason": f"onnx2torch's module cannot be "
+                                                                      f"re-exported by torch.export: {first_line}"}
     preparation = {"pytorch_form": conversion}
     if module is None:
         preparation["training"] = f"not possible: {conversion['reason']}"
