@@ -5,8 +5,8 @@ Each timm architecture (tests/foreign.py: random init, `pretrained=False`) is tr
 on scikit-learn's digits upscaled to SIDE x SIDE and repeated to 3 channels (no dataset may be
 downloaded here), saved as a `.pt2` with a dynamic batch (`Dim("batch", max=1024)`) and as the
 dynamo exporter's ONNX (opset 18+, weights inside), loaded back by the app's loader, and run through
-every technique by bench/common.py's `bench_model` (the app's own evaluator: the deploy file in
-onnxruntime on the test split). Fine-tuning techniques get FINE_TUNING_EPOCHS epochs instead of
+every technique by bench/common.py's `bench_model` (the app's orchestrator and evaluator: the
+deploy file in onnxruntime on the test split). Fine-tuning techniques get FINE_TUNING_EPOCHS epochs instead of
 their defaults, to fit the shared two-core machine; their drops are larger than the defaults give.
 Writes bench/results/corpus_pytorch.json (after each model) and the "## PyTorch corpus" section of
 BENCHMARKS.md.
@@ -53,9 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     keep_matrix_engine_out()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-bench-corpus-"))
-    write_digits_preset(work_dir / "preset")
-    dataset = load_dataset(work_dir / "preset", f"digits-{args.side}x{args.side}-rgb", "NCHW",
-                           {"resize": [args.side, args.side], "channels": 3})
+    preset = work_dir / "preset"
+    write_digits_preset(preset)
+    dataset_name = f"digits-{args.side}x{args.side}-rgb"
+    preprocessing = {"resize": [args.side, args.side], "channels": 3}
+    dataset = load_dataset(preset, dataset_name, "NCHW", preprocessing)
     options = {name: {"epochs": FINE_TUNING_EPOCHS} for name in FINE_TUNING}
     results_path = RESULTS_DIR / "corpus_pytorch.json"
     results = []
@@ -67,17 +69,14 @@ def main() -> None:
         backend.train(module, dataset, args.pretrain_epochs, 3e-3, lambda *_: None, cosine=True,
                       message=f"training {name}")
         trained_s = time.perf_counter() - started
-        params_macs = backend.count_params_macs(module, dataset.input_shape)
         for file_format in [formats[index % len(formats)]] if args.rotate_formats else formats:
             path = save(module, dataset.input_shape, work_dir / f"{name}-{file_format}{suffix(file_format)}",
                         file_format)
             label = f"{name} ({family}) {args.side}x{args.side}, {file_format}"
-            loaded = backend.BACKEND.load(path, num_classes=dataset.num_classes)
-            result = bench_model(backend.BACKEND, label, loaded, dataset, work_dir / f"{name}-{file_format}",
-                                 params_macs, targets(1.3), options)
+            result = bench_model("pytorch", label, path, preset, dataset_name, preprocessing,
+                                 work_dir / f"{name}-{file_format}", targets(1.3), options)
             result.update(architecture=name, family=family, format=file_format, side=args.side,
-                          pretrain_epochs=args.pretrain_epochs, pretrain_s=round(trained_s, 1),
-                          preparation=loaded.preparation)
+                          pretrain_epochs=args.pretrain_epochs, pretrain_s=round(trained_s, 1))
             results.append(result)
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps({"machine": machine(), "results": results}, indent=2, default=str))
@@ -107,7 +106,7 @@ def write_section(results: list[dict]) -> None:
         for name in TECHNIQUES:
             run = runs.get(name)
             if run is None or run["status"] != "completed":
-                cells.append(f"skipped: {run['reason']}" if run else "not run")
+                cells.append(f"{run['status']}: {run['reason']}" if run else "not run")
                 continue
             cells.append(f"{run['compression_ratio']:.2f}x, {run['accuracy_drop_pts']:+.2f} pt, {run['wall_s']:.0f} s")
         lines.append(f"| {result['architecture']} {result['side']}px | {result['format']} "

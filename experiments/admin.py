@@ -30,7 +30,7 @@ class ModelFileInline(admin.TabularInline):
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "owner", "framework", "target_device", "dataset", "goal", "status", "attempts",
                     "created_at", "finished_at", "results_link")
-    list_filter = ("status", "framework", "target_device", "goal")
+    list_filter = ("status", "framework", "target_device", "goal", "plan")
     search_fields = ("name", "dataset", "error", "owner__username")
     raw_id_fields = ("owner",)
     readonly_fields = ("status", "stop_requested", "attempts", "error", "baseline", "analysis",

@@ -18,8 +18,9 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Sum
 
+from optimization import catalog
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
-from optimization.datasets import IMAGE_SUFFIXES
+from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
 from optimization.safety.archives import check_zip_archive
 from optimization.safety.images import check_zipped_images
 from optimization.zoo.layouts import check_architecture_name
@@ -104,7 +105,7 @@ class CheckedUpload:
 
 
 def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
-    return storage.MODEL_SUFFIXES[framework] if kind == "model" else storage.DATASET_SUFFIXES
+    return MODEL_SUFFIXES[framework] if kind == "model" else DATASET_SUFFIXES
 
 
 def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
@@ -369,6 +370,8 @@ def create_experiment(data: dict, *, owner) -> Experiment:
         constraints=data.get("constraints") or {},
         techniques=data.get("techniques") or list(TECHNIQUES),
         config=data.get("config") or {},
+        plan=data.get("plan") or catalog.API_DEFAULT_PLAN,
+        time_budget_s=data.get("time_budget_s"),
     )
     ExperimentProgress.objects.create(
         experiment=experiment, status=experiment.status, technique_count=len(experiment.techniques)

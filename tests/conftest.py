@@ -17,6 +17,14 @@ DEMO_BODY = {"name": "digits demo", "framework": "pytorch", "target_device": "rp
              "goal": "balanced", "constraints": {"max_accuracy_drop": 1.0}}
 
 
+def pytest_configure(config):
+    """The tests run the engine in this process, as the worker does: prepared once, before any
+    test module imports a backend."""
+    from optimization.worker import prepare_worker_process
+
+    prepare_worker_process()
+
+
 @pytest.fixture(autouse=True)
 def storage_root(request, tmp_path):
     """Every test gets its own storage, so nothing touches the project's models/ or dataset/.

@@ -7,7 +7,6 @@ run by onnxruntime's CPU execution provider. Native format: a torch.export `.pt2
 from __future__ import annotations
 
 import json
-import os
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -38,9 +37,6 @@ PREDICT_BATCH = 256
 # The batch sizes a model takes unless its export says otherwise (torch.export's Dim range).
 DEFAULT_BATCH_RANGE = (1, 4096)
 BATCH_RANGE_KEY = "edgeopt_batch_range"
-# One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
-# processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
-torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
 
 # loss_fn(logits, targets, inputs) -> scalar loss; inputs let distillation ask its teacher.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
