@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and exactly pinned: it takes the CPU wheel; anything looser pulls CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
+	# these require torch (and torchvision): --no-deps keeps pip from resolving another torch build
+	$(PY) -m pip install --quiet --no-deps torchvision==0.28.0 onnx2torch==1.5.15 timm==1.0.31
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 

@@ -79,10 +79,12 @@ def targets(int8_speedup: float) -> dict:
 
 def bench_model(framework: str, label: str, model_path: Path, preset: Path, dataset_name: str,
                 preprocessing: dict | None, work_dir: Path, technique_targets: dict,
-                techniques=TECHNIQUES) -> dict:
+                techniques=TECHNIQUES, technique_options: dict | None = None) -> dict:
     """Each of `techniques` (default: all) on the model at `model_path`, through the orchestrator
-    (plan "all"), each deploy file compared with the model's FP32 deploy file."""
-    config = {"seed": 0, **({"preprocessing": preprocessing} if preprocessing else {})}
+    (plan "all"), each deploy file compared with the model's FP32 deploy file. `technique_options`
+    is the experiment config's per-technique options (e.g. a smaller epoch budget)."""
+    config = {"seed": 0, **({"preprocessing": preprocessing} if preprocessing else {}),
+              **({"techniques": technique_options} if technique_options else {})}
     spec = ExperimentSpec(experiment_id=0, framework=framework, model_path=Path(model_path), dataset_path=preset,
                           dataset_name=dataset_name, target_device="rpi4", goal="balanced", constraints={},
                           techniques=list(techniques), output_dir=work_dir, config=config)

@@ -29,6 +29,8 @@ def analyze(path_or_graph) -> dict:
         "peak_activation_bytes": peak_activation_bytes(graph),
         "layers": [op.as_layer() for op in graph.ops],
         "bottlenecks": bottlenecks(graph),
+        # weighted layers whose output shape stayed unknown: their MACs are missing from "macs"
+        "layers_without_macs": [op.name for op in graph.ops if op.kind in WEIGHTED_CLASSES and not op.macs],
     }
 
 

@@ -136,13 +136,17 @@ _ONNX_DTYPE_BITS = {1: 32, 2: 8, 3: 8, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 16: 1
 def read_onnx(path: Path) -> Graph:
     import onnx
 
-    model = _infer_shapes(_batch_of_one(onnx.load(str(path), load_external_data=False)))
+    model = _infer_shapes(_fold_shape_computations(_infer_shapes(
+        _batch_of_one(onnx.load(str(path), load_external_data=False)))))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     constants = dict(initializers)
     for node in graph.node:  # Constant nodes are weights too (some exporters emit them)
         if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
             constants[node.output[0]] = node.attribute[0].t
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            # the legacy exporter stores equal weights once and gives each layer an Identity of it
+            constants[node.output[0]] = constants[node.input[0]]
 
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, int] = {}
@@ -262,6 +266,71 @@ def _batch_of_one(model):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_value <= 0:
                 dim.dim_value = 1  # setting the value clears dim_param (a oneof)
+    return model
+
+
+# Integer tensors up to this many elements are shape arithmetic, cheap to evaluate while reading.
+SHAPE_VALUE_LIMIT = 64
+
+
+def _fold_shape_computations(model):
+    """With the batch fixed, a Shape → Gather → Concat → Reshape chain computes constants, but
+    shape inference only follows some of them (opset 13's Reshape not at all). Evaluate each
+    Shape of a tensor whose shape is known, and each node computing small integer tensors from
+    known values, with onnx's reference evaluator; give shape inference their values as
+    initializers of a copy of the graph, and keep the shapes it finds. The ops stay in the graph
+    the reader lists (they still run)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    static = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]
+              if v.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in v.type.tensor_type.shape.dim)}
+    integers = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+              if init.data_type in integers and math.prod(init.dims) <= SHAPE_VALUE_LIMIT}
+    folded = {}
+    for node in graph.node:
+        try:
+            if node.op_type == "Shape" and node.input[0] in static:
+                attrs = {a.name: a.i for a in node.attribute}
+                outputs = [np.array(static[node.input[0]][attrs.get("start", 0):attrs.get("end")], np.int64)]
+            elif (node.domain in ("", "ai.onnx") and node.input and node.op_type != "Constant"
+                  and all(name in values for name in node.input if name)):
+                single = helper.make_model(helper.make_graph(
+                    [node], "fold", [], [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                         for o in node.output]), opset_imports=model.opset_import)
+                outputs = ReferenceEvaluator(single).run(None, {name: values[name] for name in node.input if name})
+            elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                outputs = [numpy_helper.to_array(node.attribute[0].t)]
+            else:
+                continue
+        except Exception:  # an op the reference evaluator cannot run: its output stays unknown
+            continue
+        for name, value in zip(node.output, outputs):
+            value = np.asarray(value)
+            if value.dtype.kind in "iu" and value.size <= SHAPE_VALUE_LIMIT:
+                values[name] = value
+                if node.op_type != "Constant":
+                    folded[name] = value
+    if not folded:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [node for node in copy.graph.node if not any(output in folded for output in node.output)]
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
+    copy.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in folded.items())
+    shapes = {v.name: v for v in graph.value_info}
+    for value in _infer_shapes(copy).graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
+            shapes[value.name] = value
+    del graph.value_info[:]
+    graph.value_info.extend(shapes.values())
     return model
 
 
@@ -399,12 +468,6 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         k = a_shape[-1] if a_shape else 0
         if op_type == "Gemm" and attrs.get("transA", 0) and len(a_shape) >= 2:
             k = a_shape[-2]
-        if not k and op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in constants:
-            # Shape inference could not follow the input (e.g. a Reshape fed by shape ops it
-            # does not propagate): the weight's reduction axis is the input's last one.
-            b_dims = list(constants[node.input[1]].dims)
-            if len(b_dims) >= 2:
-                k = b_dims[-1] if op_type == "Gemm" and attrs.get("transB", 0) else b_dims[-2]
         op.macs = _prod(out_shape) * k
     elif op_type in _ONNX_POOL:
         op.kind = "pool"

@@ -283,7 +283,8 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
     plan_started = time.monotonic()  # the ETA's clock: loading the model and data is behind us
     baseline_deploy = backend.export_deploy(model, output_dir / f"baseline{backend.deploy_suffix}")
     analysis, baseline_estimates = _analyse_and_estimate(baseline_deploy, spec.framework, spec.target_device)
-    sink.analysis(analysis)
+    # what loading did (e.g. an ONNX upload converted to PyTorch, or why not) shows before any technique runs
+    sink.analysis({**analysis, "model_preparation": model.preparation} if model.preparation else analysis)
     # layers: kernels in the deploy file; per-step and conversion costs grow with their count
     model_info.update(params=analysis.get("params"), macs=analysis.get("macs"),
                       layers=len(analysis.get("layers") or []) or None)
@@ -363,7 +364,8 @@ def _run_technique(technique, model, config, dataset, tracker, backend, baseline
         if not model.trainable and not technique.post_training:
             raise TechniqueNotApplicable(
                 f"{technique.name} fine-tunes the model, which needs a trainable upload "
-                f"(.pt2, .pt or .pth), not .{model.source_format}")
+                f"(.pt2, .pt or .pth), not .{model.source_format}"
+                + (f"; training is {model.preparation['training']}" if "training" in model.preparation else ""))
         result = technique.optimize(model, config, dataset, tracker)
         tracker(1.0, f"{technique.name}: measuring the result")
         deploy = Path(result.artifacts["deploy"])

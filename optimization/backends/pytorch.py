@@ -7,7 +7,7 @@ run by onnxruntime's CPU execution provider. Native format: a torch.export `.pt2
 from __future__ import annotations
 
 import json
-import shutil
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,9 @@ OUTPUT_NAME = "logits"
 # gives an eager nn.Module (prunable, trainable) instead of a flat exported graph.
 ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
+# The batch sizes a model takes unless its export says otherwise (torch.export's Dim range).
+DEFAULT_BATCH_RANGE = (1, 4096)
+BATCH_RANGE_KEY = "edgeopt_batch_range"
 
 # loss_fn(logits, targets, inputs) -> scalar loss; inputs let distillation ask its teacher.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,14 +70,12 @@ class PyTorchBackend:
     def export_deploy(self, model: LoadedModel, path: Path) -> Path:
         path = Path(path)
         if model.source_format == "onnx":
-            with atomic_output(path) as partial:
-                shutil.copyfile(model.module, partial)
-            return path
+            return write_onnx_upload(model.source_path, path)
         return export_onnx(model.module, model.input_shape, path)
 
     def save_native(self, model: LoadedModel, path: Path) -> Path:
-        if model.source_format == "onnx":
-            raise InvalidInputError("an ONNX upload has no PyTorch form to save; only its .onnx is kept")
+        if model.source_format == "onnx" and not model.trainable:
+            raise InvalidInputError("this ONNX upload has no PyTorch form to save; only its .onnx is kept")
         return save_pt2(model.module, model.input_shape, Path(path), model.architecture, model.num_classes)
 
     def predict(self, deploy_path: Path, x) -> np.ndarray:
@@ -115,6 +116,11 @@ BACKEND = PyTorchBackend()
 # --------------------------------------------------------------------------- loading
 
 def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -> LoadedModel:
+    """An ONNX upload: its own file is the FP32 deploy model, and where onnx2torch converts it
+    to a module giving onnxruntime's outputs, that module is what the training techniques train
+    (else they are skipped, with the reason in `preparation`)."""
+    from optimization.backends.onnx_to_torch import convert
+
     session = ort_session(path)
     declared = session.get_inputs()[0].shape[1:]
     shape = tuple(input_shape) if input_shape else tuple(declared)
@@ -122,7 +128,36 @@ def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -
         raise InvalidInputError(f"{path.name} has a symbolic input shape {declared}; give input_shape")
     outputs = session.get_outputs()[0].shape
     classes = num_classes or (outputs[-1] if isinstance(outputs[-1], int) else None)
-    return LoadedModel("pytorch", str(path), shape, classes, path, "onnx", trainable=False)
+    module, conversion = convert(path, shape)
+    if module is not None:
+        try:  # the trained models are exported again: a module torch.export cannot trace is no use
+            export_program(module, shape)
+        except Exception as error:
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            module, conversion = None, {"converted": False, "reason": f"onnx2torch's module cannot be "
+                                                                      f"re-exported by torch.export: {first_line}"}
+    preparation = {"pytorch_form": conversion}
+    if module is None:
+        preparation["training"] = f"not possible: {conversion['reason']}"
+    return LoadedModel("pytorch", module if module is not None else str(path), shape, classes, path, "onnx",
+                       trainable=module is not None, preparation=preparation)
+
+
+def write_onnx_upload(source: Path, path: Path) -> Path:
+    """The deploy copy of an ONNX upload: the same graph with its initializers as weights only.
+    An export made with keep_initializers_as_inputs=True also lists every weight as a graph
+    input, which a quantizer then leaves as an input the caller must feed."""
+    import onnx
+
+    model = onnx.load(str(source))
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in weights]
+    if len(inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+    with atomic_output(path) as partial:
+        onnx.save(model, str(partial))
+    return path
 
 
 def _load_exported(path: Path, num_classes: int | None) -> LoadedModel:
@@ -138,19 +173,38 @@ def _load_exported(path: Path, num_classes: int | None) -> LoadedModel:
         module = zoo.build(spec["name"], spec["num_classes"], input_shape[0], **spec["kwargs"])
         module.load_state_dict(program.state_dict)
         return LoadedModel("pytorch", module, input_shape, spec["num_classes"], path, "pt2", spec["name"])
-    module, preparation = _prepare_graph(program.module(), input_shape)
+    module, preparation = _prepare_graph(program.module(), input_shape, _exported_batch_range(program, placeholder[0]))
     classes = num_classes or _output_classes(module, input_shape)
     return LoadedModel("pytorch", module, input_shape, classes, path, "pt2", preparation=preparation)
 
 
-def _prepare_graph(module, input_shape: tuple):
+def _exported_batch_range(program, placeholder) -> tuple[int, int] | None:
+    """The batch sizes a torch.export program accepts: the range torch recorded for a dynamic
+    batch dimension (a `Dim("batch", min=..., max=...)`; torch raises a min of 1 to 2), or None
+    for a batch fixed at export."""
+    batch = placeholder.meta["val"].shape[0]
+    if isinstance(batch, int):
+        return None
+    limits = program.range_constraints.get(batch.node.expr)
+    lower = int(limits.lower) if limits is not None and limits.lower.is_Integer else DEFAULT_BATCH_RANGE[0]
+    upper = int(limits.upper) if limits is not None and limits.upper.is_Integer else DEFAULT_BATCH_RANGE[1]
+    return max(lower, 1), upper
+
+
+def _prepare_graph(module, input_shape: tuple, exported_range: tuple[int, int] | None = None):
     """Module-ise an exported graph and, if it was exported for a fixed batch, generalise it to
-    any batch; where that fails, mark the batch it only runs (see pytorch_graph)."""
+    any batch; where that fails, mark the batch it only runs (see pytorch_graph). A graph
+    exported with a dynamic batch keeps the range it was exported for: its shape check stays in
+    the graph, and every step picks its batch sizes within that range."""
     placeholder = next(node for node in module.graph.nodes if node.op == "placeholder")
     batch = placeholder.meta["val"].shape[0]
     module, fixed, preparation = prepare_exported_module(module, batch if isinstance(batch, int) else None,
                                                          input_shape)
     mark_fixed_batch(module, fixed)
+    if exported_range:
+        mark_batch_range(module, exported_range)
+        preparation["batch"] = (f"dynamic in the export, batches {exported_range[0]} to {exported_range[1]}: "
+                                f"training, calibration and evaluation use batch sizes in that range")
     set_eval(module)
     return module, preparation
 
@@ -225,17 +279,38 @@ def _output_classes(module, input_shape: tuple) -> int:
         return int(module(_example(input_shape, module)).shape[-1])
 
 
+def batch_range(module) -> tuple[int, int]:
+    """The batch sizes `module` accepts, (min, max): the range a dynamic export declared, one
+    size for a fixed-batch export that could not be generalised, else DEFAULT_BATCH_RANGE."""
+    meta = getattr(module, "meta", None)
+    return meta.get(BATCH_RANGE_KEY, DEFAULT_BATCH_RANGE) if isinstance(meta, dict) else DEFAULT_BATCH_RANGE
+
+
+def mark_batch_range(module, limits: tuple[int, int] | None):
+    """Record on `module` (e.g. a re-traced copy) the batch sizes it accepts. Only graph modules
+    have limits; the record goes in their `meta`, which copy.deepcopy keeps (other attributes
+    it drops)."""
+    if limits and tuple(limits) != DEFAULT_BATCH_RANGE:
+        module.meta[BATCH_RANGE_KEY] = (int(limits[0]), int(limits[1]))
+    return module
+
+
+def batch_size_within(module, wanted: int) -> int:
+    """`wanted`, moved into the batch range `module` accepts."""
+    lower, upper = batch_range(module)
+    return min(max(wanted, lower), upper)
+
+
 def fixed_batch(module) -> int | None:
     """The only batch size a model exported with a static batch dimension that could not be
     generalised accepts (else None)."""
-    return getattr(module, "edgeopt_fixed_batch", None)
+    lower, upper = batch_range(module)
+    return lower if lower == upper else None
 
 
 def mark_fixed_batch(module, batch: int | None):
     """Record on `module` (e.g. a re-traced copy) that it only runs batches of `batch`."""
-    if batch:
-        module.edgeopt_fixed_batch = batch
-    return module
+    return mark_batch_range(module, (batch, batch) if batch else None)
 
 
 def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
@@ -247,36 +322,61 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
 
 def _example(input_shape: tuple, module=None) -> torch.Tensor:
     # batch 2, not 1: torch.export specialises a dimension whose example size is 1
-    return torch.zeros(fixed_batch(module) or 2, *input_shape)
+    return torch.zeros(batch_size_within(module, 2), *input_shape)
 
 
 def export_program(module, input_shape: tuple) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension, unless the model only takes a fixed batch."""
+    """torch.export with a dynamic batch dimension over the batch sizes the model accepts,
+    unless it only takes a fixed batch. Made once per module and state of its weights (see
+    _exports): the baseline, the post-training techniques and their .pt2 share it."""
     set_eval(module)
-    dynamic = None if fixed_batch(module) else ({0: torch.export.Dim("batch", min=1, max=4096)},)
-    return torch.export.export(module, (_example(input_shape, module),), dynamic_shapes=dynamic)
+    cached = _exports(module, input_shape)
+    if "program" not in cached:
+        lower, upper = batch_range(module)
+        dynamic = None if lower == upper else ({0: torch.export.Dim("batch", min=lower, max=upper)},)
+        cached["program"] = torch.export.export(module, (_example(input_shape, module),), dynamic_shapes=dynamic)
+    return cached["program"]
 
 
 def export_onnx(module, input_shape: tuple, path: Path) -> Path:
     """FP32 ONNX through the maintained dynamo exporter (torch.export -> ONNX), weights inside
-    the file (no external data) so the file size is the download size."""
-    import onnx
-
+    the file (no external data) so the file size is the download size. Exported once per
+    module and state of its weights; later calls write the same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(module, input_shape)
-    onnx_program = torch.onnx.export(
-        program, (_example(input_shape, module),), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
-    )
-    model = onnx_program.model_proto
-    for node in model.graph.node:
-        # the exporter annotates every node with Python stack traces and module paths: debugging
-        # aids that made a MobileNet's download 6% larger and disclose source paths
-        del node.metadata_props[:]
+    cached = _exports(module, input_shape)
+    if "onnx" not in cached:
+        onnx_program = torch.onnx.export(
+            program, (_example(input_shape, module),), dynamo=True, external_data=False, opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+        )
+        model = onnx_program.model_proto
+        for node in model.graph.node:
+            # the exporter annotates every node with Python stack traces and module paths: debugging
+            # aids that made a MobileNet's download 6% larger and disclose source paths
+            del node.metadata_props[:]
+        cached["onnx"] = model.SerializeToString()
     with atomic_output(path) as partial:
-        onnx.save(model, str(partial))
+        partial.write_bytes(cached["onnx"])
     return path
+
+
+# module -> its exports ("program", "onnx" bytes) for one state of its weights and one input
+# shape. Held weakly: a module's exports go when the module goes (one experiment's loaded model).
+_EXPORT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _exports(module, input_shape: tuple) -> dict:
+    """The cache entry of `module`'s exports, emptied when its weights changed since: every
+    in-place update (an optimizer step, load_state_dict, pruning) bumps a tensor's version."""
+    state = (tuple(input_shape), batch_range(module), tuple(
+        (id(tensor), tensor._version) for tensor in (*module.parameters(), *module.buffers())))
+    entry = _EXPORT_CACHE.get(module)
+    if entry is None or entry[0] != state:
+        entry = (state, {})
+        _EXPORT_CACHE[module] = entry
+    return entry[1]
 
 
 def save_pt2(module, input_shape: tuple, path: Path, architecture: str | None = None,
@@ -335,16 +435,16 @@ def evaluate(module, x: np.ndarray, y: np.ndarray, batch_size: int = PREDICT_BAT
 
 
 def predict_torch(module, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Logits in chunks of `batch_size` moved into the model's batch range, a chunk under the
+    smallest batch it takes padded with zero samples."""
     set_eval(module)
-    fixed = fixed_batch(module)
-    batch_size = fixed or batch_size
+    smallest = batch_range(module)[0]
+    batch_size = batch_size_within(module, batch_size)
     x = np.asarray(x, dtype=np.float32)
     chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     with torch.no_grad():
-        return np.concatenate([
-            module(torch.from_numpy(pad_batch(chunk, fixed) if fixed else chunk)).numpy()[:len(chunk)]
-            for chunk in chunks
-        ])
+        return np.concatenate([module(torch.from_numpy(pad_batch(chunk, smallest))).numpy()[:len(chunk)]
+                               for chunk in chunks])
 
 
 def train(module, dataset, epochs: int, lr: float, progress: ProgressFn,
@@ -357,16 +457,17 @@ def train(module, dataset, epochs: int, lr: float, progress: ProgressFn,
     ExperimentStopped raised by progress propagates and stops at once. `after_step` runs after
     each optimizer step (e.g. to keep pruned weights at zero). `cosine` decays the learning rate
     to zero over the run, step by step (recovery after pruning settles better than at a constant
-    rate). A model that only takes a fixed batch trains in batches of that size. Returns the last
+    rate). A model whose export limits its batch size trains in batches within those limits (a
+    fixed batch: of that size), leaving out a last batch smaller than it takes. Returns the last
     epoch's metrics."""
     set_seed(seed)
     loss_fn = loss_fn or (lambda logits, targets, inputs: nn.functional.cross_entropy(logits, targets))
     optimizer = optimizer or torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     x = torch.from_numpy(np.asarray(dataset.x_train, dtype=np.float32))
     y = torch.from_numpy(np.asarray(dataset.y_train, dtype=np.int64))
-    batch_size = fixed_batch(module) or batch_size
-    # a fixed-batch model cannot take the last, smaller batch: it is left out of each epoch
-    batches = max(1, len(x) // batch_size if fixed_batch(module) else -(-len(x) // batch_size))
+    batch_size = batch_size_within(module, batch_size)
+    last = len(x) % batch_size
+    batches = max(1, len(x) // batch_size + (1 if last and last >= batch_range(module)[0] else 0))
     total_steps = max(1, epochs * batches)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cosine else None
     start, end = progress_span

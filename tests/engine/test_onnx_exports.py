@@ -121,3 +121,23 @@ def test_the_upload_check_refuses_a_dynamo_export_with_its_weights_in_a_second_f
 
     with pytest.raises(UnsafeModelError, match="external_data=False"):
         check_onnx_file(path, "model.onnx")
+
+
+def test_a_legacy_export_keeping_weights_as_inputs_quantizes_to_a_file_fed_by_the_image_alone(trained, digits,
+                                                                                               tmp_path):
+    import onnxruntime as ort
+
+    from optimization.techniques.pytorch import ptq_int4
+
+    path = tmp_path / "weights_as_inputs.onnx"
+    torch.onnx.export(trained, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, opset_version=13,
+                      keep_initializers_as_inputs=True, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}})
+    assert len(onnx.load(str(path)).graph.input) > 1  # every weight is an input too
+
+    result = ptq_int4.Technique().optimize(backend.BACKEND.load(path), TechniqueConfig(output_dir=tmp_path),
+                                           digits, lambda *args: None)
+
+    session = ort.InferenceSession(str(result.artifacts["deploy"]), providers=["CPUExecutionProvider"])
+    assert [value.name for value in session.get_inputs()] == ["input"]
+    assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) > 0.8

@@ -89,14 +89,32 @@ def test_pickled_whole_model_is_refused_with_what_to_upload_instead(tmp_path):
         backend.BACKEND.load(tmp_path / "whole.pth", architecture="digits_cnn")
 
 
-def test_onnx_upload_is_post_training_only_and_runs_batches(demo_pt2, digits, tmp_path):
+def test_an_onnx_upload_becomes_a_trainable_module_giving_onnxruntimes_logits(demo_pt2, digits, tmp_path):
     exported = backend.BACKEND.export_deploy(backend.BACKEND.load(demo_pt2), tmp_path / "up.onnx")
     model = backend.BACKEND.load(exported)
-    assert not model.trainable and model.input_shape == (1, 8, 8) and model.num_classes == 10
+
+    assert model.trainable and model.input_shape == (1, 8, 8) and model.num_classes == 10
+    assert model.preparation["pytorch_form"]["converter"] == "onnx2torch"
+    assert np.allclose(backend.predict_torch(model.module, digits.x_test[:50]),
+                       backend.BACKEND.predict(exported, digits.x_test[:50]), atol=1e-4)
     copy = backend.BACKEND.export_deploy(model, tmp_path / "copy.onnx")
-    logits = backend.BACKEND.predict(copy, digits.x_test[:300])
-    assert logits.shape == (300, 10)
+    assert backend.BACKEND.predict(copy, digits.x_test[:300]).shape == (300, 10)
     assert backend.BACKEND.latency_ms(copy, digits.x_test[0]) > 0
+
+
+def test_an_onnx_upload_onnx2torch_cannot_convert_is_post_training_only_and_says_why(demo_pt2, digits, tmp_path):
+    from optimization.techniques.pytorch._common import quantize_int8
+
+    exported = backend.BACKEND.export_deploy(backend.BACKEND.load(demo_pt2), tmp_path / "up.onnx")
+    quantized = tmp_path / "int8.onnx"
+    quantize_int8(exported, quantized, digits.x_calib[:64], weight_granularity="per_tensor")  # QLinearConv
+
+    model = backend.BACKEND.load(quantized)
+
+    assert not model.trainable
+    assert "onnx2torch" in model.preparation["training"]
+    assert backend.BACKEND.predict(backend.BACKEND.export_deploy(model, tmp_path / "copy.onnx"),
+                                   digits.x_test[:10]).shape == (10, 10)
 
 
 def test_native_save_round_trips(demo_pt2, digits, tmp_path):

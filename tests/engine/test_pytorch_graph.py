@@ -124,3 +124,29 @@ def test_a_graph_that_mixes_the_batch_stays_fixed_and_is_fed_that_batch(tmp_path
     assert np.allclose(backend.predict_torch(model.module, x), expected, atol=1e-5)
     deploy = backend.BACKEND.export_deploy(model, tmp_path / "mixing.onnx")
     assert np.allclose(backend.BACKEND.predict(deploy, x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("limits", [(1, 1024), (3, 24)], ids=["max-1024", "min-3-max-24"])
+def test_a_dynamic_batch_export_trains_predicts_and_reexports_within_its_batch_range(limits, tmp_path):
+    torch.manual_seed(0)
+    net = FireNet().eval()
+    batch = torch.export.Dim("batch", min=limits[0], max=limits[1])
+    path = tmp_path / "dynamic.pt2"
+    torch.export.save(torch.export.export(net, (torch.randn(4, 3, 8, 8),), dynamic_shapes=({0: batch},)), path)
+    model = backend.BACKEND.load(path)
+    x = np.random.default_rng(0).standard_normal((301, 3, 8, 8)).astype(np.float32)
+
+    assert backend.batch_range(model.module) == limits
+    assert backend.batch_range(copy.deepcopy(model.module)) == limits  # techniques work on copies
+    assert f"batches {limits[0]} to {limits[1]}" in model.preparation["batch"]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.allclose(backend.predict_torch(model.module, x), expected, atol=1e-5)  # last chunk padded
+    dataset = type("Data", (), {"x_train": x, "y_train": np.arange(301) % 10})
+    seen = []
+    model.module.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    backend.train(model.module, dataset, 1, 1e-3, lambda *_: None)
+    assert seen and all(limits[0] <= size <= limits[1] for size in seen)
+    deploy = backend.BACKEND.export_deploy(model, tmp_path / "deploy.onnx")
+    assert backend.BACKEND.predict(deploy, x[:5]).shape == (5, 10)
+    assert backend.BACKEND.latency_ms(deploy, x[0]) > 0

@@ -49,8 +49,8 @@ class PyTorchTechnique(BaseOptimization):
         deploy, native = self.paths(config)
         if model.preparation:
             details.setdefault("model_preparation", model.preparation)
-        if model.source_format == "onnx":
-            details["native"] = "none: the model was uploaded as ONNX, so there is no PyTorch form"
+        if model.source_format == "onnx" and deploy_written:
+            details["native"] = "none: the model was uploaded as ONNX; its weights changed only in the ONNX file"
             return OptimizedResult({"deploy": deploy}, details)
         if not deploy_written:
             backend.export_onnx(module, model.input_shape, deploy)
@@ -298,7 +298,7 @@ def prune_channels(module, input_shape: tuple, ratio: float,
     classifier = getattr(module, "classifier", None)
     ignored = [classifier] if isinstance(classifier, torch.nn.Linear) else [
         m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    example = torch.zeros(backend.fixed_batch(module) or 1, *input_shape)
+    example = torch.zeros(backend.batch_size_within(module, 1), *input_shape)
     backend.set_eval(module)
     unrounded = _prune_consistently(module, example, ratio, None, ignored)
     if not round_to:

@@ -28,7 +28,7 @@ def fold_batch_norm(module):
 
     backend.set_eval(module)
     try:
-        return backend.mark_fixed_batch(fuse(module), backend.fixed_batch(module))
+        return backend.mark_batch_range(fuse(module), backend.batch_range(module))
     except Exception:  # not symbolically traceable: keep the batch norms
         return module
 
@@ -55,13 +55,13 @@ class Technique(PyTorchTechnique):
         progress(0.02, "inserting fake quantization (torchao PT2E, X86 quantizer)", {})
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
         prepared = prepare_qat_pt2e(backend.export_program(float_module, model.input_shape).module(), quantizer)
-        backend.mark_fixed_batch(prepared, backend.fixed_batch(float_module))
+        backend.mark_batch_range(prepared, backend.batch_range(float_module))
         allow_exported_model_train_eval(prepared)  # lets train()/eval() switch batch-norm and fake-quant
         metrics = backend.train(prepared, dataset, options["epochs"], options["learning_rate"], progress,
                                 (0.05, 0.85), seed=config.seed, message="quantization-aware fine-tuning")
         progress(0.87, "converting to int8 and exporting ONNX QDQ", {})
         backend.set_eval(prepared)
-        quantized = backend.mark_fixed_batch(convert_pt2e(prepared), backend.fixed_batch(float_module))
+        quantized = backend.mark_batch_range(convert_pt2e(prepared), backend.batch_range(float_module))
         details = {
             "bits": 8, "learning_rate": options["learning_rate"],
             "flow": "torchao PT2E prepare_qat_pt2e -> fine-tune -> convert_pt2e -> torch.onnx (dynamo) QDQ",
