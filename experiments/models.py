@@ -240,21 +240,32 @@ class OptimizationRun(models.Model):
 
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.SKIPPED)
     METRICS = (
-        "accuracy", "accuracy_drop", "size_bytes", "compression_ratio", "params", "macs",
-        "latency_ms", "speedup", "estimates", "constraints_met", "details",
+        "accuracy", "accuracy_n", "accuracy_low", "accuracy_high", "accuracy_drop", "size_bytes",
+        "compression_ratio", "params", "macs", "latency_ms", "latency_ms_low", "latency_ms_high",
+        "speedup", "speedup_low", "speedup_high", "speedup_within_noise", "estimates",
+        "constraints_met", "details",
     )
 
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="runs")
     technique = models.CharField(max_length=30, choices=TECHNIQUE_CHOICES)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     accuracy = models.FloatField(null=True, blank=True)
+    accuracy_n = models.PositiveIntegerField(null=True, blank=True, help_text="test samples")
+    accuracy_low = models.FloatField(null=True, blank=True, help_text="95% Wilson interval")
+    accuracy_high = models.FloatField(null=True, blank=True, help_text="95% Wilson interval")
     accuracy_drop = models.FloatField(null=True, blank=True, help_text="percentage points")
     size_bytes = models.BigIntegerField(null=True, blank=True)
     compression_ratio = models.FloatField(null=True, blank=True)
     params = models.BigIntegerField(null=True, blank=True)
     macs = models.FloatField(null=True, blank=True)
     latency_ms = models.FloatField(null=True, blank=True, help_text="measured on the host")
-    speedup = models.FloatField(null=True, blank=True)
+    latency_ms_low = models.FloatField(null=True, blank=True, help_text="fastest timing block")
+    latency_ms_high = models.FloatField(null=True, blank=True, help_text="slowest timing block")
+    speedup = models.FloatField(null=True, blank=True, help_text="median of ratios paired with the baseline")
+    speedup_low = models.FloatField(null=True, blank=True)
+    speedup_high = models.FloatField(null=True, blank=True)
+    speedup_within_noise = models.BooleanField(null=True, blank=True,
+                                               help_text="the paired ratios include 1: no difference shown")
     estimates = models.JSONField(default=dict, blank=True, help_text="estimated on the target device")
     constraints_met = models.JSONField(default=dict, blank=True)
     details = models.JSONField(default=dict, blank=True)

@@ -145,4 +145,6 @@ class Backend(Protocol):
 
     def predict(self, deploy_path: Path, x) -> Any: ...  # numpy logits, batch in model layout
 
-    def latency_ms(self, deploy_path: Path, sample) -> float: ...  # median batch-1 latency
+    def latency_invoker(self, deploy_path: Path, sample) -> Callable[[], object]: ...  # one batch-1 run
+
+    def latency_ms(self, deploy_path: Path, sample) -> float: ...  # steady batch-1 latency

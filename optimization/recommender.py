@@ -21,6 +21,9 @@ Goals, each a score in (0, 1], higher is better, over the completed runs that pa
                 of accuracy lost weighs like doubling the size or the latency at one point.
 "best" is the best value among the runs being ranked. Ties (equal scores to 6 decimals) go
 to the smaller accuracy drop, then the smaller file, then the technique name alphabetically.
+For max_accuracy, runs whose 95% accuracy interval (evaluator: Wilson, on the test split)
+overlaps the leader's are within the noise of the test set: they count as tied, and the
+smallest file among them goes first; the reasoning says so.
 
 When no completed run meets every constraint, the recommendation is the run closest to
 meeting them: the smallest sum of normalised violations, (value - limit) / limit per failed
@@ -141,8 +144,11 @@ def recommend(baseline: dict, runs: list[dict], goal: str, constraints: dict | N
 
     pool = passing or completed
     goal_scores = scores(pool, goal)
+    noise_tied: list[dict] = []
     if passing:
         ordered = sorted(passing, key=lambda r: _order_key(r, goal_scores[r["technique"]]))
+        if goal == "max_accuracy":
+            ordered, noise_tied = _break_accuracy_ties(ordered)
     else:
         ordered = sorted(completed, key=lambda r: (violation(r, limits),) + _order_key(r, goal_scores[r["technique"]]))
 
@@ -162,7 +168,11 @@ def recommend(baseline: dict, runs: list[dict], goal: str, constraints: dict | N
                      f"it {_meets_all(limits)}.")
         tie = [r for r in ordered[1:] if round(goal_scores[r['technique']] or 0, 6) ==
                round(goal_scores[winner['technique']] or 0, 6)]
-        if tie:
+        if noise_tied:
+            parts.append(f"{_names(noise_tied)} are within the measurement noise of each other on accuracy (their 95% "
+                         f"intervals on {winner.get('accuracy_n')} test samples overlap), so they count as tied and "
+                         "the smallest file among them is recommended.")
+        elif tie:
             parts.append(f"It ties with {', '.join(r['technique'] for r in tie)} on the goal's score; ties go to the "
                          "smaller accuracy drop, then the smaller file, then the name in alphabetical order.")
         if len(ordered) > 1:
@@ -179,6 +189,26 @@ def recommend(baseline: dict, runs: list[dict], goal: str, constraints: dict | N
         parts.append(_not_considered(not_considered))
     return {"technique": winner["technique"], "satisfied": bool(passing), "reasoning": " ".join(parts),
             "ranking": ranking}
+
+
+def _break_accuracy_ties(ordered: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Runs whose 95% accuracy interval overlaps the most accurate run's cannot be told apart on
+    this test set: among them the smaller file goes first. Returns the new order and the tied
+    group (empty when the leader stands clear or the runs carry no interval)."""
+    leader = ordered[0]
+    if leader.get("accuracy_low") is None:
+        return ordered, []
+    tied = [r for r in ordered if r.get("accuracy_high") is not None
+            and r["accuracy_high"] >= leader["accuracy_low"]]
+    if len(tied) < 2:
+        return ordered, []
+    tied.sort(key=lambda r: (r.get("size_bytes", math.inf), r["technique"]))
+    return tied + [r for r in ordered if r not in tied], tied
+
+
+def _names(runs: list[dict]) -> str:
+    names = [r["technique"] for r in runs]
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _ranking_row(run: dict, score: float | None, met: dict, limits: dict) -> dict:

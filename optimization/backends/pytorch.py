@@ -94,15 +94,18 @@ class PyTorchBackend:
             for chunk in chunks
         ])
 
-    def latency_ms(self, deploy_path: Path, sample) -> float:
-        """Batch-1 latency in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers compare across
-        models on a shared machine), timed by `evaluator.steady_latency_ms`."""
+    def latency_invoker(self, deploy_path: Path, sample) -> Callable[[], object]:
+        """One batch-1 inference in onnxruntime (CPU EP, intra_op_num_threads=1 so numbers
+        compare across models on a shared machine), ready to be timed by the evaluator."""
         session = ort_session(deploy_path, threads=1)
         sample = np.asarray(sample, dtype=np.float32)
         if sample.ndim == len(session.get_inputs()[0].shape) - 1:
             sample = sample[None]
         feed = {session.get_inputs()[0].name: sample[:1]}
-        return steady_latency_ms(lambda: session.run(None, feed))
+        return lambda: session.run(None, feed)
+
+    def latency_ms(self, deploy_path: Path, sample) -> float:
+        return steady_latency_ms(self.latency_invoker(deploy_path, sample))
 
     def train_demo_model(self, dataset, path: Path) -> Path:
         return train_demo_model(dataset, path)

@@ -148,14 +148,17 @@ class TensorFlowBackend:
                    for start in range(0, len(x), PREDICT_BATCH)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
-    def latency_ms(self, deploy_path: Path, sample) -> float:
-        """Batch-1 latency in LiteRT with LITERT_THREADS thread, timed by
-        `evaluator.steady_latency_ms`; `sample` is one sample, with or without its batch axis."""
+    def latency_invoker(self, deploy_path: Path, sample):
+        """One batch-1 inference in LiteRT with LITERT_THREADS thread, ready to be timed by the
+        evaluator; `sample` is one sample, with or without its batch axis."""
         interpreter, batch = _interpreter(deploy_path, np.asarray(sample, dtype=np.float32))
         if len(batch) != 1:
             interpreter, batch = _interpreter(deploy_path, batch[:1])
         _set_input(interpreter, batch)
-        return steady_latency_ms(interpreter.invoke)
+        return interpreter.invoke
+
+    def latency_ms(self, deploy_path: Path, sample) -> float:
+        return steady_latency_ms(self.latency_invoker(deploy_path, sample))
 
     def train_demo_model(self, dataset, path: Path) -> Path:
         """Train `digits_cnn` on the digits preset (NHWC) and save it as `.keras`."""

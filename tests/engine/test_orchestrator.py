@@ -40,8 +40,23 @@ class FakeBackend:
         labels[:n_wrong] = 1 - labels[:n_wrong]
         return np.eye(2)[labels]
 
-    def latency_ms(self, deploy_path, sample):
-        return Path(deploy_path).stat().st_size / 1000.0
+    def latency_invoker(self, deploy_path, sample):
+        """One 'inference' advances the evaluator's fake clock by 1 µs per byte of the file."""
+        seconds = Path(deploy_path).stat().st_size / 1e6
+
+        def invoke():
+            FAKE_CLOCK[0] += seconds
+        return invoke
+
+
+FAKE_CLOCK = [0.0]
+
+
+@pytest.fixture(autouse=True)
+def fake_timing_clock(monkeypatch):
+    from optimization import evaluator
+
+    monkeypatch.setattr(evaluator.time, "perf_counter", lambda: FAKE_CLOCK[0])
 
 
 class FakeTechnique(BaseOptimization):
@@ -138,7 +153,12 @@ def test_runs_every_technique_in_order_and_recommends(engine):
     runs = sink.runs()
     assert runs["ptq_int8"]["compression_ratio"] == pytest.approx(4.0)
     assert runs["ptq_int8"]["speedup"] == pytest.approx(4.0)
+    assert (runs["ptq_int8"]["speedup_low"], runs["ptq_int8"]["speedup_high"]) == pytest.approx((4.0, 4.0))
+    assert runs["ptq_int8"]["speedup_within_noise"] is False
+    assert runs["ptq_int8"]["latency_ms_low"] <= runs["ptq_int8"]["latency_ms"] <= runs["ptq_int8"]["latency_ms_high"]
     assert runs["ptq_int4"]["accuracy_drop"] == pytest.approx(5.0, abs=1.0)
+    n = runs["ptq_int4"]["accuracy_n"]
+    assert n > 0 and runs["ptq_int4"]["accuracy_low"] < runs["ptq_int4"]["accuracy"] < runs["ptq_int4"]["accuracy_high"]
     assert sink.events[-1][0] == "recommendation"
     assert sink.events[-1][1]["technique"] == "ptq_int4"  # min_size, no constraints
 

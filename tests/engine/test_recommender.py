@@ -143,3 +143,20 @@ def test_a_constraint_the_run_has_no_value_for_is_not_met():
 
     assert constraints_met(without_estimates, {"max_energy_mj": 1000, "max_size_mb": 2}) == {
         "max_energy_mj": False, "max_size_mb": True}
+
+
+def test_accuracies_inside_each_others_interval_are_a_tie_that_goes_to_the_smaller_file():
+    big = run("qat", 0.990, 0.4, 1.0, 1.0, 1.0, accuracy_n=359, accuracy_low=0.975, accuracy_high=0.996)
+    small = run("ptq_int4", 0.986, 0.1, 1.0, 1.0, 1.0, accuracy_n=359, accuracy_low=0.968, accuracy_high=0.994)
+    clear = run("distillation", 0.900, 0.05, 1.0, 1.0, 1.0, accuracy_n=359, accuracy_low=0.866, accuracy_high=0.927)
+    rec = recommend(BASELINE, [big, small, clear], "max_accuracy", {})
+    assert rec["technique"] == "ptq_int4"
+    assert "measurement noise" in rec["reasoning"] and "359 test samples" in rec["reasoning"]
+
+
+def test_a_clearly_more_accurate_run_still_wins_max_accuracy():
+    best = run("qat", 0.990, 0.4, 1.0, 1.0, 1.0, accuracy_n=2000, accuracy_low=0.985, accuracy_high=0.994)
+    worse = run("ptq_int4", 0.950, 0.1, 1.0, 1.0, 1.0, accuracy_n=2000, accuracy_low=0.940, accuracy_high=0.959)
+    rec = recommend(BASELINE, [best, worse], "max_accuracy", {})
+    assert rec["technique"] == "qat"
+    assert "measurement noise" not in rec["reasoning"]
