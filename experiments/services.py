@@ -124,7 +124,7 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
     try:
         if size == 0:
             raise ServiceError(f"{uploaded.name!r} is empty", field="file")
-        _check_content(temp_path, suffix, kind, framework, uploaded.name)
+        options.update(_check_content(temp_path, suffix, kind, framework, uploaded.name))
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
@@ -174,7 +174,9 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> None:
+def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> dict:
+    """Refuse what cannot run; return what the experiment's config should record about the
+    file (e.g. a SavedModel that only the post-training techniques can use)."""
     expected = EXPECTED_CONTENT[suffix]
     if _sniff(path) not in expected:
         words = " or ".join(CONTENT_WORDS[c] for c in expected)
@@ -198,8 +200,13 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
             from optimization.safety.keras_check import check_keras_file
 
             check_keras_file(path)
+        elif suffix == ".zip" and kind == "model":
+            from optimization.safety.savedmodel_check import inspect_savedmodel_zip
+
+            return inspect_savedmodel_zip(path)
     except (UnsafeModelError, InvalidInputError) as exc:
         raise ServiceError(str(exc).replace(path.name, original_name), field="file") from None
+    return {}
 
 
 def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) -> None:

@@ -327,9 +327,13 @@ def write_bytes(content: bytes, path: Path) -> Path:
 
 
 def technique_result(name: str, config: TechniqueConfig, model, deploy_path: Path,
-                     details: dict, counted_model=None) -> OptimizedResult:
+                     details: dict, counted_model=None, preparation: dict | None = None
+                     ) -> OptimizedResult:
     """Save the native `.keras` next to the deploy file and count the optimized model
-    (`counted_model`: the same network without tfmot's quantizer variables, when given)."""
+    (`counted_model`: the same network without tfmot's quantizer variables, when given).
+    `preparation` (what loading did, e.g. the Keras 3 conversion) goes into the details."""
+    if preparation:
+        details.setdefault("model_preparation", preparation)
     native = save_keras(model, Path(config.output_dir) / f"{name}.keras")
     counted = counted_model if counted_model is not None else model
     # a serving function has no layers to count: the orchestrator counts the deploy file
@@ -476,9 +480,11 @@ def pointwise_convs_as_fully_connected(content: bytes) -> tuple[bytes, int]:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), rewritten
 
 
-def xnnpack_partitions(deploy_path: Path) -> tuple[int, dict[str, int]]:
-    """How many subgraphs LiteRT's default XNNPACK delegate takes in the file (1: the whole
-    graph, when nothing is left out) and the ops it leaves to the built-in kernels, by type."""
+def xnnpack_partitions(deploy_path: Path) -> dict:
+    """{"partitions": how many subgraphs LiteRT's default XNNPACK delegate takes in the file
+    (1: the whole graph, when nothing is left out), "ops_left_to_builtin_kernels": the ops it
+    leaves to the built-in kernels, by type}. Reads the interpreter's private op list: a
+    diagnostic, run through `_common.diagnostic` so it cannot fail a technique."""
     interpreter = Interpreter(model_path=str(deploy_path), num_threads=LITERT_THREADS)
     interpreter.allocate_tensors()
     ops = interpreter._get_ops_details()
@@ -497,7 +503,7 @@ def xnnpack_partitions(deploy_path: Path) -> tuple[int, dict[str, int]]:
             frontier += [int(t) for t in ops[producer[tensor]]["inputs"] if t >= 0]
     left = Counter(op["op_name"] for op in ops
                    if op["op_name"] != "DELEGATE" and op["index"] not in covered)
-    return len(delegates), dict(left)
+    return {"partitions": len(delegates), "ops_left_to_builtin_kernels": dict(left)}
 
 
 # ----------------------------------------------------------------------------- training

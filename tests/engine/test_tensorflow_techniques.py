@@ -121,7 +121,7 @@ def test_ptq_int4_default_runs_in_one_xnnpack_partition_with_4_bit_dense_weights
     deploy = result.artifacts["deploy"]
     assert result.details["scheme"] == "w4a8"
     assert result.details["activations"].startswith("int8, calibrated on")
-    assert xnnpack_partitions(deploy) == (1, {})  # nothing left to the built-in kernels
+    assert xnnpack_partitions(deploy) == {"partitions": 1, "ops_left_to_builtin_kernels": {}}  # nothing left to the built-in kernels
     assert result.details["xnnpack"] == {"partitions": 1, "ops_left_to_builtin_kernels": {}}
     biggest_dense = max((w for w in tflite_weights(deploy) if w["op"] == "FULLY_CONNECTED"),
                         key=lambda w: w["data"].size)
@@ -298,7 +298,7 @@ def test_ptq_int8_runs_on_keras_applications_mobilenet_v2(tmp_path, mobilenet):
 
 
 def test_channel_surgery_on_mobilenet_v2_keeps_residual_channels_whole(mobilenet):
-    from optimization.techniques.tensorflow.prune_structured import shrink_channels
+    from optimization.techniques.tensorflow._common import shrink_channels
 
     model = mobilenet.module
     narrowed, surgery = shrink_channels(model, 0.5, copy_weights=True)

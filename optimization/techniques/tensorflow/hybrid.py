@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow.prune_structured import prune_filters_finetuned
-from optimization.techniques.tensorflow.prune_unstructured import prune_magnitude_finetuned
-from optimization.techniques.tensorflow.qat import quantize_aware
+from optimization.techniques.tensorflow._common import (
+    PRUNING_SETUP, QAT_CONVERSION, QAT_SETUP, narrowed_step_cost, prune_filters_finetuned,
+    prune_magnitude_finetuned, quantize_aware)
 
 
 class Technique(BaseOptimization):
@@ -41,9 +41,6 @@ class Technique(BaseOptimization):
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
-        from optimization.techniques.tensorflow.prune_structured import narrowed_step_cost
-        from optimization.techniques.tensorflow.prune_unstructured import PRUNING_SETUP
-        from optimization.techniques.tensorflow.qat import QAT_CONVERSION, QAT_SETUP
 
         options = self.options(config)
         keep, structured = 1.0, 0.0
@@ -100,4 +97,4 @@ class Technique(BaseOptimization):
                       "compressed_size_bytes (gzip -9)",
         )
         return technique_result(self.name, config, quantized, deploy, details,
-                                counted_model=current)
+                                counted_model=current, preparation=model.preparation)

@@ -88,4 +88,5 @@ class Technique(BaseOptimization):
             "io": "float32 input and output (quantized inside), a drop-in for the FP32 file",
             "native_note": "the .keras file is the unchanged FP32 model; INT8 lives in the .tflite",
         }
-        return technique_result(self.name, config, model.module, deploy, details)
+        return technique_result(self.name, config, model.module, deploy, details,
+                                preparation=model.preparation)
