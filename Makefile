@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 	$(PY) manage.py seed_demo
 
 run: setup
-	@echo "EdgeOpt on http://$(HOST):$(PORT)/ (web + worker; Ctrl-C stops both)"
+	@echo "EdgeOpt on http://$(HOST):$(PORT)/ (web + worker; Ctrl-C stops both); log in as demo (password above)"
 	$(PY) manage.py qcluster & worker=$$!; \
 	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(PY) manage.py runserver --noreload $(HOST):$(PORT)

@@ -7,11 +7,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "edgeopt_site.settings")
 # Set up Django before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from edgeopt_site.body_limits import BodyLimitMiddleware, install_daphne_request_class  # noqa: E402
+from experiments.auth import OriginOrTokenValidator, token_or_session_auth  # noqa: E402
 from experiments.routing import websocket_urlpatterns  # noqa: E402
 
 # Under Daphne the body is read before the application is called, so the limit must be
@@ -21,6 +20,8 @@ install_daphne_request_class()
 application = ProtocolTypeRouter(
     {
         "http": BodyLimitMiddleware(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # The user first (token or session), then the origin check, which lets a client
+        # without Origin through only when a token authenticated it.
+        "websocket": token_or_session_auth(OriginOrTokenValidator(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -10,12 +10,19 @@ with ImproperlyConfigured instead of running with a silent default.
     EDGEOPT_MAX_DATASET_MB         the most an uploaded .npz may declare unpacked (default 1024)
     EDGEOPT_TASK_TIMEOUT           seconds one experiment may run in the worker (default 3600)
     EDGEOPT_MAX_ATTEMPTS           runs of one experiment before it is marked failed (default 2)
+    EDGEOPT_ALLOW_SIGNUP           true|false: anyone who reaches the server may make an account (default true)
+    EDGEOPT_MAX_ACTIVE_PER_USER    queued + running experiments one user may have (default 2)
+    EDGEOPT_MAX_STORAGE_MB_PER_USER  stored files one user may have (default 2048)
+    EDGEOPT_LOGIN_FAILURE_LIMIT    failed logins (one username from one address) before a lock-out (default 5)
+    EDGEOPT_LOGIN_COOLOFF_MINUTES  how long that lock-out lasts (default 15)
+    EDGEOPT_DEMO_PASSWORD          the `demo` user's password (seed_demo; default: a random one, printed)
     CSRF_TRUSTED_ORIGINS           comma list of https://host origins
     SECURE_SSL_REDIRECT, SECURE_HSTS_SECONDS, SECURE_HSTS_INCLUDE_SUBDOMAINS, SECURE_HSTS_PRELOAD,
     SESSION_COOKIE_SECURE, CSRF_COOKIE_SECURE   Django's settings of those names (default off)
     BEHIND_TLS_PROXY               true: trust X-Forwarded-Proto: https from the proxy
 """
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -126,6 +133,7 @@ INSTALLED_APPS = [
     "django_q",
     "channels",
     "django_htmx",
+    "axes",
     "experiments",
 ]
 
@@ -140,6 +148,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as django-axes asks: turns a lock-out raised during login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "edgeopt_site.urls"
@@ -156,6 +166,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "experiments.accounts.account_links",
             ],
         },
     },
@@ -178,6 +189,30 @@ EDGEOPT_MAX_UPLOAD_MB = envint("EDGEOPT_MAX_UPLOAD_MB", "200", minimum=1)
 EDGEOPT_MAX_DATASET_MB = envint("EDGEOPT_MAX_DATASET_MB", "1024", minimum=1)
 EDGEOPT_TASK_TIMEOUT = envint("EDGEOPT_TASK_TIMEOUT", "3600", minimum=1)
 EDGEOPT_MAX_ATTEMPTS = envint("EDGEOPT_MAX_ATTEMPTS", "2", minimum=1)
+
+# Accounts: pages need a login, the API a session or an API token (experiments/auth.py).
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "experiments:setup"
+LOGOUT_REDIRECT_URL = "login"
+EDGEOPT_ALLOW_SIGNUP = envbool("EDGEOPT_ALLOW_SIGNUP", "true")
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# django-axes counts failed logins; its backend must come first to refuse a locked-out login.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = envint("EDGEOPT_LOGIN_FAILURE_LIMIT", "5", minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("EDGEOPT_LOGIN_COOLOFF_MINUTES", "15", minimum=1))
+# Per username and address together: behind a proxy every client has the proxy's address,
+# and locking by address alone would lock the whole team out.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+# Quotas, checked when an experiment starts (429) and when a file is uploaded (413).
+EDGEOPT_MAX_ACTIVE_PER_USER = envint("EDGEOPT_MAX_ACTIVE_PER_USER", "2", minimum=1)
+EDGEOPT_MAX_STORAGE_MB_PER_USER = envint("EDGEOPT_MAX_STORAGE_MB_PER_USER", "2048", minimum=1)
 
 # Uploads above this stream to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024

@@ -3,6 +3,7 @@ from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("accounts/", include("experiments.account_urls")),
     path("", include("experiments.urls")),
 ]
 

@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db.models import Q
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -26,17 +27,27 @@ class ModelFileInline(admin.TabularInline):
 
 @admin.register(Experiment)
 class ExperimentAdmin(admin.ModelAdmin):
-    list_display = ("id", "name", "framework", "target_device", "dataset", "goal", "status", "attempts",
+    list_display = ("id", "name", "owner", "framework", "target_device", "dataset", "goal", "status", "attempts",
                     "created_at", "finished_at", "results_link")
     list_filter = ("status", "framework", "target_device", "goal")
-    search_fields = ("name", "dataset", "error")
+    search_fields = ("name", "dataset", "error", "owner__username")
+    raw_id_fields = ("owner",)
     readonly_fields = ("status", "stop_requested", "attempts", "error", "baseline", "analysis",
                        "created_at", "started_at", "finished_at")
     inlines = [OptimizationRunInline, ModelFileInline]
     actions = ["stop_experiments"]
 
+    def get_queryset(self, request):
+        """Through the one scoping rule; staff (the only users the admin lets in) see all.
+        `viewer_owns` says whose results page the viewer may open."""
+        visible = services.visible_experiments(request.user, staff_sees_all=True)
+        return visible.annotate(viewer_owns=Q(owner_id=request.user.pk))
+
     @admin.display(description="results")
     def results_link(self, experiment):
+        # The results page is the owner's alone (another user's answers 404, staff included).
+        if not experiment.viewer_owns:
+            return "—"
         return format_html('<a href="{}">results</a>', reverse("experiments:results", args=[experiment.pk]))
 
     def has_delete_permission(self, request, obj=None):

@@ -1,7 +1,8 @@
 """The JSON API of /work/shared/API.md: thin views over services, output from to_dict().
 
-The API is for scripts, so it is CSRF-exempt; token authentication comes with accounts,
-and `_get_experiment_for_user` is where the ownership check will go.
+Every view goes through `api_view`: a session or an API token (401 otherwise), Django's
+CSRF check for session requests that change something, and `_get_experiment_for_user`,
+which looks experiments up through `services.visible_experiments` (another user's is a 404).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from optimization.base import TECHNIQUES
 
-from . import services, storage
+from . import auth, services, storage
 from .forms import ExperimentForm, UploadForm
 from .models import Experiment, ModelFile, Recommendation
 
@@ -31,7 +32,10 @@ def form_error(form) -> JsonResponse:
 
 
 def api_view(*methods: str):
-    """CSRF-exempt, JSON 405 for other methods, ServiceError -> its status."""
+    """JSON 405 for other methods; 401 without a session or a valid token; 403 for a
+    session request that changes something without the CSRF token; ServiceError -> its
+    status. Exempt from the CSRF middleware only because token requests skip the check:
+    it is made here for session requests instead."""
 
     def decorator(view):
         @csrf_exempt
@@ -41,6 +45,15 @@ def api_view(*methods: str):
                 response = error(f"{request.method} is not allowed here; use {' or '.join(methods)}", 405)
                 response["Allow"] = ", ".join(methods)
                 return response
+            try:
+                request.user, by_token = auth.api_user(request)
+            except auth.NotAuthenticated as exc:
+                response = error(str(exc), 401)
+                response["WWW-Authenticate"] = "Bearer"
+                return response
+            if not by_token and (reason := auth.csrf_failure(request)):
+                return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
+                             "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
             try:
                 return view(request, *args, **kwargs)
             except services.ServiceError as exc:
@@ -108,8 +121,8 @@ def _check_json_types(body: dict, fields) -> None:
 
 
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
-    """The one lookup every endpoint uses: 404 for an unknown id (and, with accounts, for
-    an experiment that is not the user's)."""
+    """The one lookup every endpoint uses: 404 for an unknown id and for another user's
+    experiment alike, so the answer does not tell that it exists."""
     experiment = services.visible_experiments(request.user).filter(pk=experiment_id).first()
     if experiment is None:
         raise services.ServiceError(f"experiment {experiment_id} does not exist", 404)
@@ -138,7 +151,7 @@ def experiment_create(request):
     form = ExperimentForm(data=body)
     if not form.is_valid():
         return form_error(form)
-    experiment = services.create_experiment(form.cleaned_data)
+    experiment = services.create_experiment(form.cleaned_data, owner=request.user)
     return JsonResponse(experiment.to_dict(), status=201)
 
 

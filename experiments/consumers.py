@@ -9,6 +9,10 @@ worker's push wakes it at once instead of at the next poll.
 
 ?format=html sends the monitor's partial (stable id, hx-swap-oob) instead of JSON, for
 htmx's ws extension.
+
+Who may connect is settled before this consumer (auth.token_or_session_auth and
+auth.OriginOrTokenValidator in asgi.py); here an anonymous user is closed with 4401, and
+an experiment that is not in the user's `visible_experiments` with 4404.
 """
 from __future__ import annotations
 
@@ -20,10 +24,9 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import services
+from .auth import NOT_AUTHENTICATED, UNKNOWN_EXPERIMENT
 from .models import Experiment, ExperimentProgress
 from .sink import group_name
-
-UNKNOWN_EXPERIMENT = 4404
 
 
 class ExperimentConsumer(AsyncWebsocketConsumer):
@@ -37,11 +40,14 @@ class ExperimentConsumer(AsyncWebsocketConsumer):
         self.poller = None
         self.lock = asyncio.Lock()
         await self.accept()
-        if not await self._exists():
-            # Accept first so the browser receives the code (a refused handshake has none).
+        # Accept first so the client receives the code (a refused handshake has none).
+        if not self.scope["user"].is_authenticated:
+            await self.close(code=NOT_AUTHENTICATED)
+            return
+        if not await self._exists():  # unknown, or another user's: the same answer
             await self.close(code=UNKNOWN_EXPERIMENT)
             return
-        # Joined only after the lookup, where an ownership check will go.
+        # Joined only after the ownership check.
         self.group = group_name(self.experiment_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         finished = await self.send_if_changed()

@@ -1,7 +1,12 @@
-"""The five tables: experiments, their per-technique runs, stored files, the
-recommendation and the live progress row the WebSocket reads."""
+"""The tables: experiments (each with an owner), their per-technique runs, stored files,
+the recommendation, the live progress row the WebSocket reads, and users' API tokens."""
 from __future__ import annotations
 
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
 from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -75,6 +80,9 @@ class Experiment(models.Model):
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.STOPPED)
 
+    # PROTECT: deleting a user must not drop rows whose files would stay in storage; delete
+    # their experiments first (that removes the files too).
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="experiments")
     name = models.CharField(max_length=100)
     framework = models.CharField(max_length=20, choices=FRAMEWORK_CHOICES)
     target_device = models.CharField(max_length=30, choices=TARGET_DEVICES)
@@ -448,3 +456,52 @@ class ExperimentProgress(models.Model):
             "seq": self.seq,
             "updated_at": _iso(self.updated_at),
         }
+
+
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class ApiToken(models.Model):
+    """A named token a script sends as `Authorization: Bearer <token>`. Only its SHA-256 is
+    stored: the token is shown once, when made. SHA-256 without salt or stretching is
+    enough here because the token is 256 random bits, not a password a person chose."""
+
+    PREFIX = "eo_"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    token_hash = models.CharField(max_length=64, unique=True)
+    hint = models.CharField(max_length=12, help_text="the token's first characters, to tell tokens apart")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "api_tokens"
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.hint}…) of {self.user}"
+
+    @staticmethod
+    def hash(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str) -> tuple[ApiToken, str]:
+        """Make a token for `user`; returns the row and the token itself, which is not stored."""
+        token = cls.PREFIX + secrets.token_urlsafe(32)
+        row = cls.objects.create(user=user, name=name, token_hash=cls.hash(token), hint=token[:8])
+        return row, token
+
+    @classmethod
+    def user_for(cls, token: str):
+        """The active user a token belongs to, or None (unknown, revoked, or user inactive)."""
+        row = cls.objects.select_related("user").filter(token_hash=cls.hash(token)).first()
+        if row is None or not row.user.is_active:
+            return None
+        now = timezone.now()
+        # At most once a minute, and one UPDATE, not a save(): a script polling every second
+        # does not write every second, and concurrent requests with one token do not conflict.
+        if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+            cls.objects.filter(pk=row.pk).update(last_used_at=now)
+        return row.user

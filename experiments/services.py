@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Sum
 
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
 from optimization.datasets import IMAGE_SUFFIXES
@@ -61,10 +63,16 @@ def storage_failures_as_service_errors():
         raise ServiceError(exc.message, exc.status) from None
 
 
-def visible_experiments(user):
-    """The experiments `user` may see: the one place the per-user filter goes when accounts
-    come (the API, the pages and the WebSocket all look experiments up through it)."""
-    return Experiment.objects.select_related("progress")
+def visible_experiments(user, *, staff_sees_all: bool = False):
+    """The experiments `user` may see: the one place that scopes by owner. The API, the
+    pages, the downloads and the WebSocket look experiments up only through it, so another
+    user's experiment is "not found" everywhere. Only the admin passes `staff_sees_all`."""
+    experiments = Experiment.objects.select_related("progress", "owner")
+    if user is None or not user.is_authenticated:
+        return experiments.none()
+    if staff_sees_all and user.is_staff:
+        return experiments
+    return experiments.filter(owner=user)
 
 
 def max_upload_bytes() -> int:
@@ -286,6 +294,7 @@ def upload(experiment: Experiment, uploaded, kind: str = "model", input_shape: s
            architecture: str = "") -> ModelFile:
     if experiment.is_active:
         raise ServiceError(f"the experiment is {experiment.status}; stop it before uploading", status=409)
+    check_storage_quota(experiment.owner, uploaded.size, replacing=_replaced_by(experiment, kind))
     checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture)
     return place_upload(experiment, checked)
 
@@ -302,9 +311,10 @@ def sha256_of(path: Path) -> str:
 
 
 @transaction.atomic
-def create_experiment(data: dict) -> Experiment:
+def create_experiment(data: dict, *, owner) -> Experiment:
     """`data` is the cleaned data of forms.ExperimentForm (pretrained_path resolved there)."""
     experiment = Experiment.objects.create(
+        owner=owner,
         name=data["name"],
         framework=data["framework"],
         target_device=data["target_device"],
@@ -333,6 +343,7 @@ def start_experiment(experiment: Experiment) -> None:
     if experiment.dataset == "custom" and experiment.dataset_file() is None:
         raise ServiceError("the dataset is 'custom': upload it (kind=dataset) before starting", 409)
     with transaction.atomic():
+        check_active_quota(experiment)
         try:
             experiment.enqueue()
         except InvalidTransition as exc:
@@ -360,9 +371,10 @@ def delete_experiment(experiment: Experiment) -> None:
     experiment.delete()
 
 
-def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experiment:
+def create_and_start(data: dict, model_file=None, dataset_file=None, *, owner) -> Experiment:
     """The setup page in one step: check the uploads, then create, place and start
     together so a refused file leaves no half-made experiment behind."""
+    check_storage_quota(owner, sum(f.size for f in (model_file, dataset_file) if f))
     checked = []
     try:
         if model_file:
@@ -371,7 +383,7 @@ def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experime
         if dataset_file:
             checked.append(check_upload(data["framework"], dataset_file, "dataset"))
         with transaction.atomic():
-            experiment = create_experiment(data)
+            experiment = create_experiment(data, owner=owner)
             for upload_ in checked:
                 place_upload(experiment, upload_)
             start_experiment(experiment)
@@ -379,3 +391,45 @@ def create_and_start(data: dict, model_file=None, dataset_file=None) -> Experime
         for upload_ in checked:
             upload_.discard()
     return experiment
+
+
+# -- quotas --------------------------------------------------------------------------------
+
+
+def check_active_quota(experiment: Experiment) -> None:
+    """429 when the owner already has EDGEOPT_MAX_ACTIVE_PER_USER experiments queued or
+    running. Call inside the transaction that queues: the owner's row is locked first, so
+    two starts at once cannot both pass the count."""
+    owner = get_user_model().objects.select_for_update().get(pk=experiment.owner_id)
+    limit = settings.EDGEOPT_MAX_ACTIVE_PER_USER
+    active = owner.experiments.filter(status__in=Experiment.ACTIVE).exclude(pk=experiment.pk).count()
+    if active >= limit:
+        raise ServiceError(
+            f"you already have {active} experiment(s) queued or running, the most one user may have "
+            f"({limit}); wait for one to finish or stop one, then start this again", 429)
+
+
+def storage_used_bytes(owner, exclude=()) -> int:
+    """Bytes of the stored files of `owner`'s experiments: uploads, datasets, results.
+    Pretrained models are shared by everyone and count for no one."""
+    files = ModelFile.objects.filter(experiment__owner=owner).exclude(role=ModelFile.Role.PRETRAINED)
+    return files.exclude(pk__in=[f.pk for f in exclude]).aggregate(total=Sum("size_bytes"))["total"] or 0
+
+
+def _replaced_by(experiment: Experiment, kind: str) -> list[ModelFile]:
+    """The stored files an upload of `kind` replaces: their bytes are freed by it."""
+    roles = (ModelFile.Role.UPLOAD,) if kind != "dataset" else (ModelFile.Role.DATASET,)
+    return list(experiment.files.filter(role__in=roles))
+
+
+def check_storage_quota(owner, incoming_bytes: int, replacing=()) -> None:
+    """413 when `incoming_bytes` more would take `owner` over EDGEOPT_MAX_STORAGE_MB_PER_USER.
+    Checked at upload; the results a run writes count once written, so a user near the limit
+    is stopped at the next upload, not in the middle of a run."""
+    limit = settings.EDGEOPT_MAX_STORAGE_MB_PER_USER * 2**20
+    used = storage_used_bytes(owner, exclude=replacing)
+    if used + incoming_bytes > limit:
+        raise ServiceError(
+            f"this upload ({incoming_bytes / 2**20:.1f} MB) would take your stored files to "
+            f"{(used + incoming_bytes) / 2**20:.1f} MB, over your {settings.EDGEOPT_MAX_STORAGE_MB_PER_USER} MB; "
+            "delete experiments you no longer need, then upload again", 413, field="file")

@@ -1,7 +1,9 @@
 """The HTMX pages: setup, monitor, results. Thin: the work is in services, the state in
-the models; the monitor's live part is one partial that the WebSocket re-renders."""
+the models; the monitor's live part is one partial that the WebSocket re-renders. Every
+page needs a login, and shows only the user's own experiments (another's is a 404)."""
 from __future__ import annotations
 
+from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -47,6 +49,7 @@ def render_progress(experiment: Experiment) -> str:
     return render_to_string(PROGRESS_PARTIAL, progress_context(experiment))
 
 
+@login_required
 @require_http_methods(["GET", "POST"])
 def setup(request):
     if request.method == "POST":
@@ -54,7 +57,8 @@ def setup(request):
         if form.is_valid():
             data = form.cleaned_data
             try:
-                experiment = services.create_and_start(data, data.get("model_file"), data.get("dataset_file"))
+                experiment = services.create_and_start(data, data.get("model_file"), data.get("dataset_file"),
+                                                      owner=request.user)
             except services.ServiceError as exc:
                 form.add_error(exc.field if exc.field in form.fields else None, exc.message)
             else:
@@ -66,12 +70,14 @@ def setup(request):
                   status=400 if form.errors else 200)
 
 
+@login_required
 @require_GET
 def monitor(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)
     return render(request, "experiments/monitor.html", progress_context(experiment))
 
 
+@login_required
 @require_POST
 def stop(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)
@@ -124,6 +130,7 @@ def accuracy_size_chart(baseline: dict, runs: list[OptimizationRun]) -> dict | N
     }
 
 
+@login_required
 @require_GET
 def results(request, experiment_id: int):
     experiment = _get_experiment_for_user(request, experiment_id)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a storage folder per test, persona clients, experiments in each state,
-and tiny model files made once per session (no training)."""
+"""Shared fixtures: a storage folder per test, persona clients (the plain `client` is logged
+in as the owner), API tokens, experiments in each state, and tiny model files made once per
+session (no training)."""
 from __future__ import annotations
 
 import io
@@ -27,10 +28,58 @@ def storage_root(request, tmp_path):
     return root
 
 
+# -- personas (in the manner of healthchecks' hc/test.py) ------------------------------------
+# Users are made without a password (no slow hashing); clients log in with force_login.
+
+
 @pytest.fixture
-def anonymous(client):
-    """A visitor or script without an account: the only persona until accounts exist."""
+def owner(db, django_user_model):
+    """The user who owns the experiments the fixtures below make."""
+    return django_user_model.objects.create_user(username="owner")
+
+
+@pytest.fixture
+def other_user(db, django_user_model):
+    """A second user, who must not see the owner's experiments."""
+    return django_user_model.objects.create_user(username="other")
+
+
+@pytest.fixture
+def client(client, owner):
+    """pytest-django's client, logged in as the owner: what the pages and the API need."""
+    client.force_login(owner)
     return client
+
+
+@pytest.fixture
+def other_client(other_user):
+    from django.test import Client
+
+    other = Client()
+    other.force_login(other_user)
+    return other
+
+
+@pytest.fixture
+def anonymous(db):
+    """A visitor or script without a session or a token."""
+    from django.test import Client
+
+    return Client()
+
+
+@pytest.fixture
+def api_token(owner) -> str:
+    """An API token of the owner, as a script would hold it."""
+    from experiments.models import ApiToken
+
+    return ApiToken.issue(owner, "tests")[1]
+
+
+@pytest.fixture
+def auth_headers(api_token) -> dict:
+    """The owner's token as a header: `client.get(url, headers=auth_headers)`, urllib, websockets."""
+    return {"Authorization": f"Bearer {api_token}"}
 
 
 class RunsCode:
@@ -93,15 +142,15 @@ def pretrained_model(storage_root, model_files):
 
 
 @pytest.fixture
-def new_experiment(db):
-    """An experiment without a model (status created)."""
+def new_experiment(owner):
+    """An experiment without a model (status created), the owner's unless told otherwise."""
     from experiments import services
     from experiments.forms import ExperimentForm
 
-    def make(**overrides):
+    def make(owned_by=None, **overrides):
         form = ExperimentForm(data={**DEMO_BODY, **overrides})
         assert form.is_valid(), form.errors
-        return services.create_experiment(form.cleaned_data)
+        return services.create_experiment(form.cleaned_data, owner=owned_by or owner)
 
     return make
 
@@ -156,12 +205,13 @@ def demo_storage(tmp_path_factory):
 
 
 @pytest.fixture
-def stack(demo_storage, tmp_path, settings, transactional_db):
-    """Real Daphne + qcluster processes on the test database, storage shared with this test."""
+def stack(demo_storage, tmp_path, settings, transactional_db, auth_headers):
+    """Real Daphne + qcluster processes on the test database, storage shared with this test;
+    its requests carry the owner's API token."""
     from tests.live import running_stack
 
     settings.EDGEOPT_STORAGE_ROOT = demo_storage
-    with running_stack(demo_storage, tmp_path / "logs") as running:
+    with running_stack(demo_storage, tmp_path / "logs", auth_headers) as running:
         try:
             yield running
         finally:

@@ -52,16 +52,20 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -
 
 
 class Stack:
-    def __init__(self, port: int, log_dir: Path):
+    """The running servers, and a script client of them: every request (HTTP and WebSocket)
+    carries `auth_headers`, the API token of a user made in the test database."""
+
+    def __init__(self, port: int, log_dir: Path, auth_headers: dict):
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.log_dir = log_dir
+        self.auth_headers = auth_headers
 
     def request(self, method: str, path: str, body: dict | None = None, files: dict | None = None):
         """(status, parsed JSON or raw bytes, headers)"""
-        data, headers = None, {}
+        data, headers = None, dict(self.auth_headers)
         if body is not None:
-            data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+            data, headers = json.dumps(body).encode(), {**headers, "Content-Type": "application/json"}
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -78,8 +82,8 @@ class Stack:
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
         parts.append(f"--{boundary}--\r\n".encode())
         req = urllib.request.Request(f"{self.base}/api/experiments/{experiment_id}/upload", data=b"".join(parts),
-                                     method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     method="POST", headers={**self.auth_headers,
+                                                             "Content-Type": f"multipart/form-data; boundary={boundary}"})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return resp.status, _decode(resp)
@@ -98,6 +102,12 @@ class Stack:
     def ws_url(self, experiment_id: int) -> str:
         return f"ws://127.0.0.1:{self.port}/ws/experiments/{experiment_id}"
 
+    def websocket(self, experiment_id: int):
+        """A script's WebSocket to the experiment: the token in the Authorization header, no Origin."""
+        from websockets.sync.client import connect
+
+        return connect(self.ws_url(experiment_id), additional_headers=self.auth_headers)
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
@@ -111,8 +121,9 @@ def _decode(resp):
 
 
 @contextmanager
-def running_stack(storage_root: Path, log_dir: Path):
-    """Daphne + qcluster on the test database; both killed on exit."""
+def running_stack(storage_root: Path, log_dir: Path, auth_headers: dict):
+    """Daphne + qcluster on the test database; both killed on exit. `auth_headers` (a token of
+    a user in that database) go with every request the Stack makes."""
     port = free_port()
     env = {
         **os.environ,
@@ -135,7 +146,7 @@ def running_stack(storage_root: Path, log_dir: Path):
             processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                                stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(port, processes["web"])
-        yield Stack(port, log_dir)
+        yield Stack(port, log_dir, auth_headers)
     finally:
         # Each server leads its own process group: the worker's children go down with it.
         for process in processes.values():

@@ -1,4 +1,4 @@
-"""The admin lists the five tables and stops experiments."""
+"""The admin lists the tables (staff see every user's experiments) and stops experiments."""
 from __future__ import annotations
 
 import pytest
@@ -33,7 +33,11 @@ def test_admin_action_stops_running_experiments(admin_client, ready_experiment):
     assert Experiment.objects.get(pk=ready_experiment.pk).stop_requested
 
 
-def test_admin_requires_login(client):
+def test_admin_requires_login(anonymous):
+    assert anonymous.get("/admin/experiments/experiment/").status_code == 302
+
+
+def test_admin_is_closed_to_a_logged_in_user_who_is_not_staff(client):
     assert client.get("/admin/experiments/experiment/").status_code == 302
 
 
@@ -70,7 +74,22 @@ def test_admin_bulk_delete_removes_the_stored_files(admin_client, finished_exper
     assert not output.exists()
 
 
-def test_admin_list_links_each_experiment_to_its_results_page(admin_client, finished_experiment):
+def test_admin_lists_every_users_experiments_with_their_owner(admin_client, finished_experiment, new_experiment,
+                                                              other_user):
+    others = new_experiment(owned_by=other_user, name="the other users experiment")
+
     page = admin_client.get("/admin/experiments/experiment/").content.decode()
 
-    assert f'href="/experiments/{finished_experiment.pk}/results/"' in page
+    assert finished_experiment.name in page and others.name in page
+    assert ">other<" in page and ">owner<" in page
+
+
+def test_admin_links_only_the_viewers_own_experiments_to_their_results_page(
+        admin_client, admin_user, finished_experiment, new_experiment):
+    own = new_experiment(owned_by=admin_user, name="the admins own")
+
+    page = admin_client.get("/admin/experiments/experiment/").content.decode()
+
+    assert f'href="/experiments/{own.pk}/results/"' in page
+    # Another user's results page answers 404 to staff too, so it is not linked.
+    assert f'href="/experiments/{finished_experiment.pk}/results/"' not in page

@@ -13,7 +13,7 @@ from edgeopt_site.asgi import application
 from experiments.models import Experiment, ExperimentProgress
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ORIGIN = [(b"origin", b"http://testserver")]
+ORIGIN = (b"origin", b"http://testserver")
 TIMEOUT = 5
 
 
@@ -27,8 +27,21 @@ def run_async(scenario):
     return test
 
 
-def communicator(experiment_id, query=""):
-    return WebsocketCommunicator(application, f"/ws/experiments/{experiment_id}{query}", headers=ORIGIN)
+@pytest.fixture
+def session_cookie(client):
+    """The owner's browser: the session cookie the logged-in `client` holds."""
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
+@pytest.fixture
+def communicator(session_cookie):
+    """A browser page of this site, logged in as the owner."""
+
+    def connect_to(experiment_id, query=""):
+        return WebsocketCommunicator(application, f"/ws/experiments/{experiment_id}{query}",
+                                     headers=[ORIGIN, session_cookie])
+
+    return connect_to
 
 
 @pytest.fixture
@@ -39,7 +52,7 @@ def running_experiment(ready_experiment):
 
 
 @run_async
-async def test_unknown_experiment_is_closed_with_4404():
+async def test_unknown_experiment_is_closed_with_4404(communicator):
     socket = communicator(424242)
 
     connected, _ = await socket.connect(timeout=TIMEOUT)
@@ -50,9 +63,9 @@ async def test_unknown_experiment_is_closed_with_4404():
 
 
 @run_async
-async def test_a_foreign_origin_is_refused(running_experiment):
+async def test_a_foreign_origin_is_refused(running_experiment, session_cookie):
     socket = WebsocketCommunicator(application, f"/ws/experiments/{running_experiment.pk}",
-                                   headers=[(b"origin", b"http://evil.example")])
+                                   headers=[(b"origin", b"http://evil.example"), session_cookie])
 
     connected, _ = await socket.connect(timeout=TIMEOUT)
 
@@ -60,7 +73,7 @@ async def test_a_foreign_origin_is_refused(running_experiment):
 
 
 @run_async
-async def test_connect_sends_the_current_state_at_once(running_experiment):
+async def test_connect_sends_the_current_state_at_once(running_experiment, communicator):
     await sync_to_async(ExperimentProgress.publish)(
         running_experiment, technique="qat", technique_index=6, technique_progress=0.42,
         overall_progress=0.81, eta_seconds=37.0, message="fine-tuning epoch 2/3", metrics={"loss": 0.21})
@@ -79,7 +92,7 @@ async def test_connect_sends_the_current_state_at_once(running_experiment):
 
 
 @run_async
-async def test_a_progress_row_change_is_pushed(running_experiment):
+async def test_a_progress_row_change_is_pushed(running_experiment, communicator):
     socket = communicator(running_experiment.pk)
     await socket.connect(timeout=TIMEOUT)
     first = await socket.receive_json_from(timeout=TIMEOUT)
@@ -95,7 +108,7 @@ async def test_a_progress_row_change_is_pushed(running_experiment):
 
 
 @run_async
-async def test_the_terminal_state_sends_a_status_message_and_polling_stops(running_experiment):
+async def test_the_terminal_state_sends_a_status_message_and_polling_stops(running_experiment, communicator):
     socket = communicator(running_experiment.pk)
     await socket.connect(timeout=TIMEOUT)
     await socket.receive_json_from(timeout=TIMEOUT)
@@ -112,7 +125,7 @@ async def test_the_terminal_state_sends_a_status_message_and_polling_stops(runni
 
 
 @run_async
-async def test_a_finished_experiment_sends_its_status_on_connect(finished_experiment):
+async def test_a_finished_experiment_sends_its_status_on_connect(finished_experiment, communicator):
     socket = communicator(finished_experiment.pk)
     await socket.connect(timeout=TIMEOUT)
 
@@ -124,7 +137,7 @@ async def test_a_finished_experiment_sends_its_status_on_connect(finished_experi
 
 
 @run_async
-async def test_html_format_sends_the_partial_with_a_stable_id_to_swap(running_experiment):
+async def test_html_format_sends_the_partial_with_a_stable_id_to_swap(running_experiment, communicator):
     await sync_to_async(ExperimentProgress.publish)(running_experiment, technique="qat", message="epoch 1/2")
     socket = communicator(running_experiment.pk, "?format=html")
     await socket.connect(timeout=TIMEOUT)

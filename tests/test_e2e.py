@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from websockets.sync.client import connect
 
 from optimization.datasets import load_digits_preset
 
@@ -38,8 +37,7 @@ def read_until_final(ws, timeout: float) -> list[dict]:
 
 def test_ptq_int8_experiment_runs_end_to_end_through_worker_and_websocket(stack, demo_storage):
     experiment_id = create_demo_experiment(stack)
-    origin = {"Origin": stack.base}
-    with connect(stack.ws_url(experiment_id), additional_headers=origin) as ws:
+    with stack.websocket(experiment_id) as ws:  # a script client: a token, no Origin
         first = json.loads(ws.recv(timeout=10))  # the current state at once, before anything runs
         assert first["type"] in ("progress", "status")
         status, body, _ = stack.request("POST", f"/api/experiments/{experiment_id}/start")
@@ -84,7 +82,7 @@ def test_stop_during_a_run_ends_it_within_five_seconds(stack):
     experiment_id = create_demo_experiment(
         stack, techniques=["ptq_int8", "qat", "hybrid"],
         config={"techniques": {"qat": {"epochs": 50}, "hybrid": {"epochs": 50}}})
-    with connect(stack.ws_url(experiment_id), additional_headers={"Origin": stack.base}) as ws:
+    with stack.websocket(experiment_id) as ws:
         stack.request("POST", f"/api/experiments/{experiment_id}/start")
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # wait until a fine-tuning technique is under way

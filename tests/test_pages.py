@@ -14,8 +14,8 @@ SETUP = {"name": "from the page", "framework": "pytorch", "target_device": "rpi5
          "epochs": "1"}
 
 
-def test_setup_page_lists_presets_pretrained_models_and_past_experiments(anonymous, ready_experiment):
-    page = anonymous.get("/").content.decode()
+def test_setup_page_lists_presets_pretrained_models_and_past_experiments(client, ready_experiment):
+    page = client.get("/").content.decode()
 
     assert 'value="digits"' in page
     assert 'value="digits_cnn"' in page
@@ -25,9 +25,9 @@ def test_setup_page_lists_presets_pretrained_models_and_past_experiments(anonymo
 
 
 def test_setup_form_with_pretrained_model_creates_starts_and_redirects_to_monitor(
-        anonymous, pretrained_model, django_capture_on_commit_callbacks):
+        client, pretrained_model, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        response = anonymous.post("/", {**SETUP, "pretrained_model": "digits_cnn"})
+        response = client.post("/", {**SETUP, "pretrained_model": "digits_cnn"})
 
     experiment = Experiment.objects.get(name="from the page")
     assert response.status_code == 302
@@ -39,16 +39,16 @@ def test_setup_form_with_pretrained_model_creates_starts_and_redirects_to_monito
     assert OrmQ.objects.count() == 1
 
 
-def test_setup_form_with_an_uploaded_model_stores_it(anonymous, model_files):
-    response = anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+def test_setup_form_with_an_uploaded_model_stores_it(client, model_files):
+    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
 
     experiment = Experiment.objects.get(name="from the page")
     assert response.status_code == 302
     assert experiment.source_model().role == "upload"
 
 
-def test_invalid_setup_form_shows_messages_and_creates_nothing(anonymous):
-    response = anonymous.post("/", {**SETUP, "name": "", "max_accuracy_drop": "-3"})
+def test_invalid_setup_form_shows_messages_and_creates_nothing(client):
+    response = client.post("/", {**SETUP, "name": "", "max_accuracy_drop": "-3"})
 
     page = response.content.decode()
     assert response.status_code == 400
@@ -58,8 +58,8 @@ def test_invalid_setup_form_shows_messages_and_creates_nothing(anonymous):
     assert not Experiment.objects.exists()
 
 
-def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(anonymous, model_files, storage_root):
-    response = anonymous.post("/", {**SETUP, "model_file": upload_file(model_files["trojan"], "model.pth"),
+def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(client, model_files, storage_root):
+    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["trojan"], "model.pth"),
                                     "architecture": "digits_cnn"})
 
     assert response.status_code == 400
@@ -68,10 +68,10 @@ def test_setup_with_a_refused_upload_shows_why_and_creates_nothing(anonymous, mo
     assert not list((storage_root / "models" / ".incoming").iterdir())
 
 
-def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(anonymous, ready_experiment):
+def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(client, ready_experiment):
     ready_experiment.enqueue()
 
-    page = anonymous.get(f"/experiments/{ready_experiment.pk}/").content.decode()
+    page = client.get(f"/experiments/{ready_experiment.pk}/").content.decode()
 
     assert f'ws-connect="/ws/experiments/{ready_experiment.pk}?format=html"' in page
     assert 'id="progress-panel"' in page
@@ -79,10 +79,10 @@ def test_monitor_page_renders_the_progress_partial_and_connects_the_socket(anony
     assert "Stop" in page
 
 
-def test_stop_button_with_htmx_returns_the_panel(anonymous, ready_experiment):
+def test_stop_button_with_htmx_returns_the_panel(client, ready_experiment):
     ready_experiment.enqueue()
 
-    response = anonymous.post(f"/experiments/{ready_experiment.pk}/stop", HTTP_HX_REQUEST="true")
+    response = client.post(f"/experiments/{ready_experiment.pk}/stop", HTTP_HX_REQUEST="true")
 
     assert response.status_code == 200
     assert 'id="progress-panel"' in response.content.decode()
@@ -91,8 +91,8 @@ def test_stop_button_with_htmx_returns_the_panel(anonymous, ready_experiment):
 
 
 def test_results_page_shows_runs_estimates_constraints_recommendation_and_downloads(
-        anonymous, finished_experiment):
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+        client, finished_experiment):
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "Recommendation: ptq_int8" in page
     assert "3.6x smaller" in page
@@ -102,7 +102,7 @@ def test_results_page_shows_runs_estimates_constraints_recommendation_and_downlo
     assert "baseline (FP32)" in page
 
 
-def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonymous, finished_experiment):
+def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(client, finished_experiment):
     from experiments.sink import DjangoSink
 
     sink = DjangoSink(finished_experiment)
@@ -115,15 +115,15 @@ def test_results_page_shows_the_model_analysis_and_how_estimates_are_made(anonym
     finished_experiment.baseline = baseline
     finished_experiment.save(update_fields=["baseline"])
 
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "Model analysis" in page
     assert "100% of the model&#x27;s parameters" in page
     assert "energy = latency x board power 6.4 W" in page
 
 
-def test_monitor_of_unknown_experiment_is_404(anonymous):
-    assert anonymous.get("/experiments/99999/").status_code == 404
+def test_monitor_of_unknown_experiment_is_404(client):
+    assert client.get("/experiments/99999/").status_code == 404
 
 
 def test_chart_marks_only_undominated_results_as_the_pareto_front():
@@ -140,7 +140,7 @@ def test_chart_marks_only_undominated_results_as_the_pareto_front():
     assert front == {"baseline": True, "ptq_int8": True, "prune_structured": False}
 
 
-def test_results_page_draws_the_chart(anonymous, finished_experiment):
-    page = anonymous.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
+def test_results_page_draws_the_chart(client, finished_experiment):
+    page = client.get(f"/experiments/{finished_experiment.pk}/results/").content.decode()
 
     assert "<svg" in page and 'class="front"' in page

@@ -46,10 +46,10 @@ def full_disk(monkeypatch):
 
 
 def test_upload_onto_a_full_disk_answers_507_json_and_leaves_no_partial_file(
-        anonymous, new_experiment, model_files, storage_root, full_disk):
+        client, new_experiment, model_files, storage_root, full_disk):
     experiment = new_experiment()
 
-    response = anonymous.post(f"/api/experiments/{experiment.pk}/upload",
+    response = client.post(f"/api/experiments/{experiment.pk}/upload",
                               {"file": upload_file(model_files["pt"])})
 
     assert response.status_code == 507
@@ -62,7 +62,7 @@ def test_upload_onto_a_full_disk_answers_507_json_and_leaves_no_partial_file(
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
 def test_upload_onto_read_only_storage_answers_503_json_without_a_server_path(
-        anonymous, new_experiment, model_files, storage_root, monkeypatch, code):
+        client, new_experiment, model_files, storage_root, monkeypatch, code):
     experiment = new_experiment()
 
     def read_only(*args, **kwargs):
@@ -70,7 +70,7 @@ def test_upload_onto_read_only_storage_answers_503_json_without_a_server_path(
 
     monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
 
-    response = anonymous.post(f"/api/experiments/{experiment.pk}/upload",
+    response = client.post(f"/api/experiments/{experiment.pk}/upload",
                               {"file": upload_file(model_files["pt"])})
 
     assert response.status_code == 503
@@ -79,12 +79,12 @@ def test_upload_onto_read_only_storage_answers_503_json_without_a_server_path(
 
 
 def test_upload_whose_final_rename_fails_keeps_nothing_in_storage(
-        anonymous, new_experiment, model_files, storage_root, monkeypatch):
+        client, new_experiment, model_files, storage_root, monkeypatch):
     experiment = new_experiment()
     monkeypatch.setattr(storage, "move_into_place", lambda *a, **k: (_ for _ in ()).throw(
         storage.StorageWriteError.from_os_error(OSError(errno.ENOSPC, "full"), "save the upload")))
 
-    response = anonymous.post(f"/api/experiments/{experiment.pk}/upload",
+    response = client.post(f"/api/experiments/{experiment.pk}/upload",
                               {"file": upload_file(model_files["pt"])})
 
     assert response.status_code == 507
@@ -101,7 +101,7 @@ def test_atomic_write_replaces_the_file_whole_and_leaves_no_temporary_name(stora
 
 
 def test_delete_with_unremovable_files_answers_503_and_keeps_the_rows(
-        anonymous, finished_experiment, storage_root, monkeypatch):
+        client, finished_experiment, storage_root, monkeypatch):
     # Tests run as root, whom chmod does not stop: the removal itself is made to refuse.
     def permission_denied(self, missing_ok=False):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
@@ -110,7 +110,7 @@ def test_delete_with_unremovable_files_answers_503_and_keeps_the_rows(
     files_before = files_under(storage_root)
     rows_before = ModelFile.objects.filter(experiment=finished_experiment).count()
 
-    response = anonymous.delete(f"/api/experiments/{finished_experiment.pk}")
+    response = client.delete(f"/api/experiments/{finished_experiment.pk}")
 
     assert response.status_code == 503
     assert str(storage_root) not in response.json()["error"]
@@ -120,20 +120,20 @@ def test_delete_with_unremovable_files_answers_503_and_keeps_the_rows(
 
 
 def test_delete_that_fails_on_the_results_folder_keeps_the_experiment(
-        anonymous, finished_experiment, monkeypatch):
+        client, finished_experiment, monkeypatch):
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
     monkeypatch.setattr(storage.shutil, "rmtree", read_only)
 
-    response = anonymous.delete(f"/api/experiments/{finished_experiment.pk}")
+    response = client.delete(f"/api/experiments/{finished_experiment.pk}")
 
     assert response.status_code == 503
     assert Experiment.objects.filter(pk=finished_experiment.pk).exists()
 
 
-def test_delete_removes_every_stored_file_then_the_rows(anonymous, finished_experiment, storage_root):
-    response = anonymous.delete(f"/api/experiments/{finished_experiment.pk}")
+def test_delete_removes_every_stored_file_then_the_rows(client, finished_experiment, storage_root):
+    response = client.delete(f"/api/experiments/{finished_experiment.pk}")
 
     assert response.status_code == 204
     assert not Experiment.objects.filter(pk=finished_experiment.pk).exists()

@@ -19,10 +19,10 @@ def stored_files(storage_root):
     return sorted(p.relative_to(storage_root).as_posix() for p in storage_root.rglob("*") if p.is_file())
 
 
-def test_torchscript_upload_makes_the_experiment_ready(anonymous, new_experiment, model_files, storage_root):
+def test_torchscript_upload_makes_the_experiment_ready(client, new_experiment, model_files, storage_root):
     experiment = new_experiment(name="My CNN!")
 
-    response = upload(anonymous, experiment, upload_file(model_files["pt"], "../../evil name.pt"))
+    response = upload(client, experiment, upload_file(model_files["pt"], "../../evil name.pt"))
 
     assert response.status_code == 200, response.json()
     assert response.json()["status"] == "ready"
@@ -32,69 +32,69 @@ def test_torchscript_upload_makes_the_experiment_ready(anonymous, new_experiment
     assert not list((storage_root / "models" / ".incoming").iterdir()), "the temp copy is moved, not left behind"
 
 
-def test_state_dict_upload_with_architecture_and_input_shape_is_accepted(anonymous, new_experiment, model_files):
+def test_state_dict_upload_with_architecture_and_input_shape_is_accepted(client, new_experiment, model_files):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, upload_file(model_files["state_dict"]),
+    response = upload(client, experiment, upload_file(model_files["state_dict"]),
                       architecture="digits_cnn", input_shape="1,8,8")
 
     assert response.status_code == 200, response.json()
     assert response.json()["config"] == {"architecture": "digits_cnn", "input_shape": [1, 8, 8]}
 
 
-def test_state_dict_upload_without_architecture_returns_400_saying_what_to_do(anonymous, new_experiment, model_files):
+def test_state_dict_upload_without_architecture_returns_400_saying_what_to_do(client, new_experiment, model_files):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, upload_file(model_files["state_dict"]))
+    response = upload(client, experiment, upload_file(model_files["state_dict"]))
 
     assert response.status_code == 400
     assert "architecture" in response.json()["error"]
 
 
 @pytest.mark.parametrize("name", ["model.exe", "model.keras", "model", "weights.npz"])
-def test_upload_with_a_wrong_extension_returns_400(anonymous, new_experiment, model_files, name):
+def test_upload_with_a_wrong_extension_returns_400(client, new_experiment, model_files, name):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, upload_file(model_files["pt"], name))
+    response = upload(client, experiment, upload_file(model_files["pt"], name))
 
     assert response.status_code == 400
     assert ".pt2" in response.json()["error"]
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.pt2", "model.onnx"])
-def test_upload_of_garbage_bytes_returns_400(anonymous, new_experiment, name):
+def test_upload_of_garbage_bytes_returns_400(client, new_experiment, name):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, SimpleUploadedFile(name, b"this is not a model at all"))
+    response = upload(client, experiment, SimpleUploadedFile(name, b"this is not a model at all"))
 
     assert response.status_code == 400
     assert "not a valid" in response.json()["error"]
     assert Experiment.objects.get(pk=experiment.pk).status == "created"
 
 
-def test_garbage_keras_and_h5_uploads_return_400(anonymous, new_experiment):
+def test_garbage_keras_and_h5_uploads_return_400(client, new_experiment):
     experiment = new_experiment(framework="tensorflow")
 
     for name in ("model.keras", "model.h5"):
-        response = upload(anonymous, experiment, SimpleUploadedFile(name, b"\x00" * 64))
+        response = upload(client, experiment, SimpleUploadedFile(name, b"\x00" * 64))
         assert response.status_code == 400
 
 
-def test_oversized_upload_returns_413(anonymous, new_experiment, settings):
+def test_oversized_upload_returns_413(client, new_experiment, settings):
     settings.EDGEOPT_MAX_UPLOAD_MB = 1
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, SimpleUploadedFile("big.pt", b"PK\x03\x04" + b"\x00" * (2 * 2**20)))
+    response = upload(client, experiment, SimpleUploadedFile("big.pt", b"PK\x03\x04" + b"\x00" * (2 * 2**20)))
 
     assert response.status_code == 413
     assert "1 MB" in response.json()["error"]
 
 
 @pytest.mark.parametrize("file_key", ["whole", "trojan", "trojan_legacy"])
-def test_pickled_whole_model_or_code_returns_400_and_runs_nothing(anonymous, new_experiment, model_files, file_key):
+def test_pickled_whole_model_or_code_returns_400_and_runs_nothing(client, new_experiment, model_files, file_key):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, upload_file(model_files[file_key], "model.pth"),
+    response = upload(client, experiment, upload_file(model_files[file_key], "model.pth"),
                       architecture="digits_cnn")
 
     assert response.status_code == 400
@@ -103,12 +103,12 @@ def test_pickled_whole_model_or_code_returns_400_and_runs_nothing(anonymous, new
     assert not ModelFile.objects.filter(experiment=experiment).exists()
 
 
-def test_a_second_bad_upload_keeps_the_first_good_model(anonymous, new_experiment, model_files, storage_root):
+def test_a_second_bad_upload_keeps_the_first_good_model(client, new_experiment, model_files, storage_root):
     experiment = new_experiment()
-    assert upload(anonymous, experiment, upload_file(model_files["pt"])).status_code == 200
+    assert upload(client, experiment, upload_file(model_files["pt"])).status_code == 200
     before = stored_files(storage_root)
 
-    response = upload(anonymous, experiment, SimpleUploadedFile("model.pt", b"PK\x03\x04 broken zip"))
+    response = upload(client, experiment, SimpleUploadedFile("model.pt", b"PK\x03\x04 broken zip"))
 
     assert response.status_code == 400
     assert stored_files(storage_root) == before
@@ -118,16 +118,16 @@ def test_a_second_bad_upload_keeps_the_first_good_model(anonymous, new_experimen
 
 
 def test_a_new_model_replaces_the_pretrained_one_and_keeps_the_shared_file(
-        anonymous, ready_experiment, model_files, pretrained_model):
-    response = upload(anonymous, ready_experiment, upload_file(model_files["pt"]))
+        client, ready_experiment, model_files, pretrained_model):
+    response = upload(client, ready_experiment, upload_file(model_files["pt"]))
 
     assert response.status_code == 200
     assert response.json()["model"]["role"] == "upload"
     assert pretrained_model.exists()
 
 
-def test_npz_dataset_upload_switches_the_experiment_to_custom(anonymous, ready_experiment, storage_root):
-    response = upload(anonymous, ready_experiment, SimpleUploadedFile("mine.npz", npz_bytes()), kind="dataset")
+def test_npz_dataset_upload_switches_the_experiment_to_custom(client, ready_experiment, storage_root):
+    response = upload(client, ready_experiment, SimpleUploadedFile("mine.npz", npz_bytes()), kind="dataset")
 
     assert response.status_code == 200, response.json()
     assert response.json()["dataset"] == "custom"
@@ -142,34 +142,34 @@ def test_npz_dataset_upload_switches_the_experiment_to_custom(anonymous, ready_e
     ("images.zip", zip_bytes({"../escape/a.png": b"1", "b/b.png": b"2"})),
     ("data.csv", b"1,2,3"),
 ])
-def test_malformed_dataset_upload_returns_400(anonymous, ready_experiment, name, data):
-    response = upload(anonymous, ready_experiment, SimpleUploadedFile(name, data), kind="dataset")
+def test_malformed_dataset_upload_returns_400(client, ready_experiment, name, data):
+    response = upload(client, ready_experiment, SimpleUploadedFile(name, data), kind="dataset")
 
     assert response.status_code == 400
     assert response.json()["error"]
 
 
-def test_tensorflow_savedmodel_zip_without_saved_model_pb_returns_400(anonymous, new_experiment):
+def test_tensorflow_savedmodel_zip_without_saved_model_pb_returns_400(client, new_experiment):
     experiment = new_experiment(framework="tensorflow")
 
-    response = upload(anonymous, experiment, SimpleUploadedFile("model.zip", zip_bytes({"variables/x": b"1"})))
+    response = upload(client, experiment, SimpleUploadedFile("model.zip", zip_bytes({"variables/x": b"1"})))
 
     assert response.status_code == 400
     assert "saved_model.pb" in response.json()["error"]
 
 
-def test_upload_while_running_returns_409(anonymous, ready_experiment, model_files):
+def test_upload_while_running_returns_409(client, ready_experiment, model_files):
     ready_experiment.enqueue()
 
-    response = upload(anonymous, ready_experiment, upload_file(model_files["pt"]))
+    response = upload(client, ready_experiment, upload_file(model_files["pt"]))
 
     assert response.status_code == 409
 
 
-def test_upload_with_unknown_kind_returns_400(anonymous, new_experiment, model_files):
+def test_upload_with_unknown_kind_returns_400(client, new_experiment, model_files):
     experiment = new_experiment()
 
-    response = upload(anonymous, experiment, upload_file(model_files["pt"]), kind="weights")
+    response = upload(client, experiment, upload_file(model_files["pt"]), kind="weights")
 
     assert response.status_code == 400
     assert "kind" in response.json()["error"]

@@ -70,77 +70,77 @@ def assert_refused(response, *words, storage_root=None):
         assert not [p for p in storage_root.rglob("*") if p.is_file() and "upload-" in p.name]
 
 
-def test_a_zip_bomb_dataset_is_refused_at_upload(anonymous, ready_experiment, storage_root):
+def test_a_zip_bomb_dataset_is_refused_at_upload(client, ready_experiment, storage_root):
     bomb = npz_of({"a/one.png": b"\0" * (40 * 2**20), "b/two.png": b"\0" * 10})
 
-    response = upload(anonymous, ready_experiment, "images.zip", bomb, kind="dataset")
+    response = upload(client, ready_experiment, "images.zip", bomb, kind="dataset")
 
     assert_refused(response, "zip bomb", storage_root=storage_root)
     assert not ModelFile.objects.filter(role="dataset").exists()
 
 
-def test_a_zip_of_twenty_thousand_entries_is_refused_at_upload(anonymous, ready_experiment, storage_root):
+def test_a_zip_of_twenty_thousand_entries_is_refused_at_upload(client, ready_experiment, storage_root):
     many = zip_bytes({f"class{i % 2}/{i}.png": b"" for i in range(20_000)})
 
-    response = upload(anonymous, ready_experiment, "images.zip", many, kind="dataset")
+    response = upload(client, ready_experiment, "images.zip", many, kind="dataset")
 
     assert_refused(response, "20000 entries", storage_root=storage_root)
 
 
-def test_an_npz_declaring_a_huge_array_is_refused_from_its_header(anonymous, ready_experiment, storage_root):
+def test_an_npz_declaring_a_huge_array_is_refused_from_its_header(client, ready_experiment, storage_root):
     huge = npz_of({"x.npy": npy_header_only((100_000, 64, 64, 3)), "y.npy": npy_header_only((100_000,), "<i8")})
 
-    response = upload(anonymous, ready_experiment, "data.npz", huge, kind="dataset")
+    response = upload(client, ready_experiment, "data.npz", huge, kind="dataset")
 
     assert len(huge) < 2000
     assert_refused(response, "MiB", storage_root=storage_root)
 
 
-def test_an_npz_with_an_object_array_is_refused(anonymous, ready_experiment):
+def test_an_npz_with_an_object_array_is_refused(client, ready_experiment):
     objects = npz_arrays(x=np.array([{"a": 1}, None, 3, 4], dtype=object), y=np.arange(4))
 
-    assert_refused(upload(anonymous, ready_experiment, "data.npz", objects, kind="dataset"), "Python objects")
+    assert_refused(upload(client, ready_experiment, "data.npz", objects, kind="dataset"), "Python objects")
 
 
-def test_an_npz_whose_labels_do_not_match_the_samples_is_refused(anonymous, ready_experiment):
+def test_an_npz_whose_labels_do_not_match_the_samples_is_refused(client, ready_experiment):
     mismatched = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.arange(3))
 
-    response = upload(anonymous, ready_experiment, "data.npz", mismatched, kind="dataset")
+    response = upload(client, ready_experiment, "data.npz", mismatched, kind="dataset")
 
     assert_refused(response, "4 samples", "3 labels")
 
 
-def test_an_npz_with_unknown_array_names_says_which_it_needs(anonymous, ready_experiment):
-    response = upload(anonymous, ready_experiment, "data.npz", npz_arrays(images=np.zeros((2, 2))), kind="dataset")
+def test_an_npz_with_unknown_array_names_says_which_it_needs(client, ready_experiment):
+    response = upload(client, ready_experiment, "data.npz", npz_arrays(images=np.zeros((2, 2))), kind="dataset")
 
     assert_refused(response, "x_train", "images")
 
 
-def test_a_well_formed_npz_is_still_accepted(anonymous, ready_experiment):
-    assert upload(anonymous, ready_experiment, "data.npz", npz_bytes(), kind="dataset").status_code == 200
+def test_a_well_formed_npz_is_still_accepted(client, ready_experiment):
+    assert upload(client, ready_experiment, "data.npz", npz_bytes(), kind="dataset").status_code == 200
 
 
-def test_an_onnx_file_with_external_data_is_refused_at_upload(anonymous, new_experiment, storage_root):
-    response = upload(anonymous, new_experiment(), "model.onnx", onnx_bytes(external=True))
+def test_an_onnx_file_with_external_data_is_refused_at_upload(client, new_experiment, storage_root):
+    response = upload(client, new_experiment(), "model.onnx", onnx_bytes(external=True))
 
     assert_refused(response, "external data", storage_root=storage_root)
 
 
-def test_an_onnx_file_with_a_custom_domain_is_refused_at_upload(anonymous, new_experiment):
-    response = upload(anonymous, new_experiment(), "model.onnx", onnx_bytes(domain="com.example.custom"))
+def test_an_onnx_file_with_a_custom_domain_is_refused_at_upload(client, new_experiment):
+    response = upload(client, new_experiment(), "model.onnx", onnx_bytes(domain="com.example.custom"))
 
     assert_refused(response, "com.example.custom", "onnxruntime")
 
 
-def test_an_onnx_file_that_is_not_a_model_is_refused(anonymous, new_experiment):
-    assert_refused(upload(anonymous, new_experiment(), "model.onnx", b"\x08\x07garbage\xff\xff"), "ONNX")
+def test_an_onnx_file_that_is_not_a_model_is_refused(client, new_experiment):
+    assert_refused(upload(client, new_experiment(), "model.onnx", b"\x08\x07garbage\xff\xff"), "ONNX")
 
 
-def test_a_valid_onnx_file_is_accepted(anonymous, new_experiment):
+def test_a_valid_onnx_file_is_accepted(client, new_experiment):
     model = onnx_bytes()
     onnx.checker.check_model(onnx.load_from_string(model))
 
-    response = upload(anonymous, new_experiment(), "model.onnx", model)
+    response = upload(client, new_experiment(), "model.onnx", model)
 
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "ready"

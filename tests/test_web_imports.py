@@ -23,8 +23,10 @@ for pattern in urlpatterns:
     sample = {"experiment_id": 1, "technique": "ptq_int8"}
     url = reverse(f"experiments:{pattern.name}", kwargs={k: sample[k] for k in pattern.pattern.converters})
     assert resolve(url).url_name == pattern.name
+from django.contrib.auth.models import User
+statuses = {"login": Client().get("/accounts/login/").status_code}
 client = Client()
-statuses = {}
+client.force_login(User.objects.create_user("web"))
 created = client.post("/api/experiments/create", json.dumps({
     "name": "web", "framework": "pytorch", "target_device": "rpi4", "dataset": "digits"}),
     content_type="application/json").json()
@@ -54,7 +56,7 @@ def test_the_web_process_serves_pages_and_checks_uploads_without_torch_or_tensor
 
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["statuses"] == {"setup": 200, "monitor": 200, "results": 200, "admin": 302,
+    assert report["statuses"] == {"login": 200, "setup": 200, "monitor": 200, "results": 200, "admin": 302,
                                   "garbage": 400, "pickle": 400, "keras": 400}
     assert report["urls"] >= 12
     assert report["heavy"] == []
