@@ -68,6 +68,29 @@ OWN_ACTIVATIONS = {"hard_sigmoid": hard_sigmoid, "hard_silu": hard_silu, "hard_s
                    "silu": "swish"}
 
 
+@tf_keras.saving.register_keras_serializable(package="edgeopt_keras3")
+class Keras3Activation(tf_keras.layers.Layer):
+    """An Activation layer whose function is one of OWN_ACTIVATIONS (Keras 3's definition).
+    Not a tf_keras Activation on purpose: tfmot's 8-bit scheme (and its conv-BN-activation
+    fusion patterns) raise on an Activation with a function it does not know, while a layer of
+    its own is left in float by QAT, calibrated by the INT8 conversion, and skipped by pruning
+    (no prunable weights). Channel surgery passes through it: it is elementwise."""
+
+    def __init__(self, function_name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.function_name = function_name
+        self.function = OWN_ACTIVATIONS[function_name]
+
+    def call(self, inputs):
+        return self.function(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "function_name": self.function_name}
+
+    def get_prunable_weights(self):  # tfmot: nothing to prune, not an unknown layer
+        return []
+
+
 def to_tf_keras(model) -> tuple[tf_keras.Model, dict]:
     """A tf_keras functional model equal to the Keras 3 `model`, weights copied, and what the
     translation dropped ({class: [settings]})."""
@@ -195,6 +218,9 @@ def _layer(source_layer, entry: dict, dropped):
     class_name = entry["class_name"]
     if class_name in MODEL_CLASSES:
         return _rebuild(source_layer, dropped)
+    activation = entry["config"].get("activation")
+    if class_name == "Activation" and callable(OWN_ACTIVATIONS.get(activation)):
+        return Keras3Activation(activation, name=entry["config"].get("name"))
     cls = getattr(tf_keras.layers, class_name, None)
     if cls is None:
         raise InvalidInputError(

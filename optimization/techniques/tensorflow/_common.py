@@ -19,6 +19,7 @@ starts from PTQ's grid.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -82,6 +83,7 @@ def prune_filters_finetuned(keras_model, dataset, options: dict, progress, span,
 
 
 def _layer_kinds():
+    from optimization.backends.keras3_convert import Keras3Activation
     from optimization.backends.tensorflow import keras
 
     layers = keras.layers
@@ -89,7 +91,7 @@ def _layer_kinds():
                    layers.ELU, layers.Dropout, layers.SpatialDropout2D, layers.GaussianNoise,
                    layers.MaxPooling2D, layers.AveragePooling2D, layers.GlobalAveragePooling2D,
                    layers.GlobalMaxPooling2D, layers.ZeroPadding2D, layers.Flatten,
-                   layers.DepthwiseConv2D)
+                   layers.DepthwiseConv2D, layers.Rescaling, Keras3Activation)
     return keras, passthrough
 
 
@@ -302,17 +304,46 @@ def prune_magnitude_finetuned(keras_model, dataset, options: dict, progress, spa
     schedule = tfmot.sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=target, begin_step=0, end_step=end_step,
         frequency=frequency)
-    try:
-        wrapped = tfmot.sparsity.keras.prune_low_magnitude(keras_model, pruning_schedule=schedule)
-    except ValueError as error:
-        raise TechniqueNotApplicable(f"tfmot cannot prune this model: {error}") from error
+    wrapped, not_pruned = _wrapped_for_pruning(keras_model, schedule)
     fit(wrapped, dataset.x_train, dataset.y_train, epochs, progress,
         learning_rate=float(options["learning_rate"]), batch_size=batch_size, span=span,
         message=f"pruning to {target:.0%} sparsity", seed=seed,
         callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
-    return stripped, {"target_sparsity": target, "sparsity": round(1 - nonzero_fraction(stripped), 4),
-                      "sparsity_scope": "kernels of conv and dense layers", "epochs": epochs}
+    details = {"target_sparsity": target, "sparsity": round(1 - nonzero_fraction(stripped), 4),
+               "sparsity_scope": "kernels of conv and dense layers", "epochs": epochs}
+    if not_pruned:
+        details["layers_not_pruned"] = not_pruned
+    return stripped, details
+
+
+def _wrapped_for_pruning(keras_model, schedule):
+    """A copy of `keras_model` (tfmot's wrappers would otherwise prune the caller's own
+    weights in place) with every layer tfmot can prune wrapped, and the names of the layers
+    with weights it cannot prune (left as they are, e.g. Rescaling or a nested model)."""
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+
+    from optimization.backends.tensorflow import keras
+
+    if not isinstance(keras_model, keras.Sequential) and not getattr(keras_model, "_is_graph_network", False):
+        raise TechniqueNotApplicable(
+            f"{type(keras_model).__name__} is a subclassed model; pruning needs a Sequential or "
+            "functional Keras model")
+    copy = keras.models.clone_model(keras_model)
+    copy.set_weights(keras_model.get_weights())
+    not_pruned = []
+
+    def wrap(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        if prune_registry.PruneRegistry.supports(layer) or hasattr(layer, "get_prunable_weights"):
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        if layer.weights:
+            not_pruned.append(layer.name)
+        return layer
+
+    return keras.models.clone_model(copy, clone_function=wrap), not_pruned
 
 
 # ----------------------------------------------------------------------------- quantization-aware training
@@ -357,15 +388,80 @@ def _annotate_and_apply(keras_model, scheme):
     except (ValueError, RuntimeError):
         registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
         skipped = [layer.name for layer in keras_model.layers
-                   if not registry.supports(layer) and not isinstance(layer, keras.layers.InputLayer)]
+                   if layer.weights and not _quantizable(layer, registry, keras)]
 
         def annotate(layer):
+            """Supported layers as tfmot's registry says; other weightless ones (a Keras 3
+            model's Keras3Activation, Rescaling) with their output quantized, as the INT8
+            conversion will (left unannotated, tfmot's prune-preserving scheme raises on
+            them); layers with weights tfmot does not know stay float."""
             clone = layer.__class__.from_config(layer.get_config())
-            return quantization.quantize_annotate_layer(clone) if registry.supports(layer) else clone
+            if _quantizable(layer, registry, keras):
+                return quantization.quantize_annotate_layer(clone)
+            if not layer.weights and not isinstance(layer, keras.layers.InputLayer):
+                return quantization.quantize_annotate_layer(clone, output_quantize_config())
+            return clone
 
         annotated = keras.models.clone_model(keras_model, clone_function=annotate)
         annotated.set_weights(keras_model.get_weights())
         return quantization.quantize_apply(annotated, *scheme_args), skipped
+
+
+# activations tfmot's default 8-bit scheme quantizes: in an Activation layer
+# (Default8BitActivationQuantizeConfig) and inside a conv / dense layer (QuantizeAwareActivation);
+# others (a Keras 3 model's hard_silu, say) make quantize_apply raise
+TFMOT_ACTIVATION_LAYER_ACTIVATIONS = frozenset({"relu", "swish", "gelu", "relu6", "linear",
+                                                "softmax", "sigmoid", "tanh"})
+TFMOT_FUSED_ACTIVATIONS = frozenset({"linear", "relu", "swish", "gelu", "softmax", "sigmoid", "tanh"})
+
+
+def output_quantize_config():
+    """A tfmot QuantizeConfig for a weightless layer whose output is quantized to 8 bits
+    (asymmetric, per tensor, moving-average range: tfmot's choice for an Activation)."""
+    return _output_quantize_config_class()()
+
+
+@functools.cache  # defined (and registered for saving) once, when QAT first needs it
+def _output_quantize_config_class():
+    from tensorflow_model_optimization.python.core.quantization.keras import (
+        quantize_config, quantizers)
+
+    from optimization.backends.tensorflow import keras
+
+    @keras.saving.register_keras_serializable(package="edgeopt")
+    class OutputQuantizeConfig(quantize_config.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False,
+                                                      symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    return OutputQuantizeConfig
+
+
+def _quantizable(layer, registry, keras) -> bool:
+    if not registry.supports(layer):
+        return False
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return True
+    name = getattr(activation, "__name__", type(activation).__name__)
+    allowed = TFMOT_ACTIVATION_LAYER_ACTIVATIONS if isinstance(layer, keras.layers.Activation) \
+        else TFMOT_FUSED_ACTIVATIONS
+    return name in allowed
 
 
 def calibrate_activation_ranges(model, x) -> int:
