@@ -305,3 +305,14 @@ def test_channel_surgery_on_mobilenet_v2_keeps_residual_channels_whole(mobilenet
     assert any("merges" in kept["why"] for kept in surgery["kept_whole"])
     assert narrowed.count_params() < model.count_params()
     assert narrowed.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
+
+
+def test_magnitude_pruning_leaves_the_uploaded_model_untouched(runs, demo):
+    model, _ = demo
+
+    result, _ = runs("prune_unstructured")
+
+    assert result.details["sparsity"] > 0.3
+    as_uploaded = BACKEND.load(model.source_path).module.get_weights()
+    for kept, now in zip(as_uploaded, model.module.get_weights()):  # tfmot pruned it in place before
+        np.testing.assert_array_equal(kept, now)
