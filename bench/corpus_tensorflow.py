@@ -32,7 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from optimization.backends import tensorflow as backend  # noqa: E402  (sets TF_USE_LEGACY_KERAS first)
+from optimization.worker import prepare_worker_process  # noqa: E402
+
+WORKER = prepare_worker_process()  # as the worker does, before TensorFlow loads
+
+from optimization.backends import tensorflow as backend  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "corpus_tensorflow.json"
 INPUT_SHAPE = (32, 32, 3)

@@ -9,3 +9,4 @@ urlpatterns = [
 
 # Unknown /api/ paths answer JSON like the rest of the API.
 handler404 = "experiments.api.not_found"
+handler400 = "experiments.api.bad_request"

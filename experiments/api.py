@@ -11,9 +11,12 @@ import math
 from functools import wraps
 
 from django import forms
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.http import FileResponse, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from optimization import catalog
 from optimization.base import TECHNIQUES
 
 from . import auth, services, storage
@@ -51,13 +54,15 @@ def api_view(*methods: str):
                 response = error(str(exc), 401)
                 response["WWW-Authenticate"] = "Bearer"
                 return response
-            if not by_token and (reason := auth.csrf_failure(request)):
-                return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
-                             "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
-            try:
+            try:  # the CSRF check is the first to parse a form
+                if not by_token and (reason := auth.csrf_failure(request)):
+                    return error(f"CSRF check failed ({reason}): a page sends the CSRF token in the X-CSRFToken "
+                                 "header; a script sends `Authorization: Bearer <token>` instead of a session", 403)
                 return view(request, *args, **kwargs)
             except services.ServiceError as exc:
                 return error(exc.message, exc.status)
+            except FORM_LIMIT_ERRORS as exc:  # here, not only in handler400: with DEBUG on that is a debug page
+                return bad_request(request, exc)
 
         return wrapper
 
@@ -118,6 +123,8 @@ def _check_json_types(body: dict, fields) -> None:
                 raise services.ServiceError(f"{name} must be a list of names, e.g. [\"ptq_int8\", \"qat\"]")
         elif isinstance(field, (forms.CharField, forms.ChoiceField)) and not isinstance(value, str):
             raise services.ServiceError(f"{name} must be a string, not {type(value).__name__}")
+        elif isinstance(field, forms.FloatField) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise services.ServiceError(f"{name} must be a number, not {type(value).__name__}")
 
 
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
@@ -129,6 +136,29 @@ def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
     return experiment
 
 
+FORM_LIMIT_ERRORS = (TooManyFieldsSent, TooManyFilesSent, RequestDataTooBig)
+
+
+def bad_request(request, exception=None):
+    """handler400: JSON under /api/, Django's page elsewhere. Django raises the form limit
+    errors wherever the body is first parsed (the CSRF check or the view)."""
+    if not request.path.startswith("/api/"):
+        from django.views.defaults import bad_request as bad_request_page
+
+        return bad_request_page(request, exception)
+    if isinstance(exception, TooManyFieldsSent):
+        return error(f"the form has more than {settings.DATA_UPLOAD_MAX_NUMBER_FIELDS} fields; an upload sends "
+                     "file and, at most, kind, input_shape and architecture")
+    if isinstance(exception, TooManyFilesSent):
+        return error(f"the form has more than {settings.DATA_UPLOAD_MAX_NUMBER_FILES} files; send one file "
+                     "per upload")
+    if isinstance(exception, RequestDataTooBig):
+        return error(f"the form fields are larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes; send the "
+                     "model or dataset as the file field", 413)
+    return error("the request could not be read; send JSON (application/json) or, for an upload, "
+                 "multipart/form-data")
+
+
 def not_found(request, exception=None):
     """handler404: JSON under /api/, Django's page elsewhere."""
     if request.path.startswith("/api/"):
@@ -136,6 +166,16 @@ def not_found(request, exception=None):
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
+
+
+@api_view("GET")
+def catalog_view(request):
+    """What the form is built from: techniques and their typed options, constraints, goals,
+    devices, plans, file suffixes and the result vocabulary (`?framework=` flattens options)."""
+    try:
+        return JsonResponse(catalog.as_dict(request.GET.get("framework") or None))
+    except catalog.OptionError as exc:
+        return error(str(exc))
 
 
 @api_view("GET")

@@ -11,25 +11,14 @@ from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from optimization.base import FRAMEWORKS, TECHNIQUES
+from optimization import catalog
 
-FRAMEWORK_CHOICES = [(name, {"pytorch": "PyTorch", "tensorflow": "TensorFlow / Keras"}[name]) for name in FRAMEWORKS]
-TECHNIQUE_CHOICES = [(name, name) for name in TECHNIQUES]
-TARGET_DEVICES = [
-    ("rpi4", "Raspberry Pi 4"),
-    ("rpi5", "Raspberry Pi 5"),
-    ("rpi3b_plus", "Raspberry Pi 3B+"),
-    ("rpi_zero2w", "Raspberry Pi Zero 2 W"),
-    ("jetson_nano", "Jetson Nano (CPU)"),
-    ("host", "This machine"),
-]
-GOALS = [
-    ("balanced", "Balanced"),
-    ("min_size", "Smallest model"),
-    ("min_latency", "Fastest"),
-    ("max_accuracy", "Most accurate"),
-    ("min_energy", "Least energy"),
-]
+# Choices come from the catalog, the one list the engine, the API and the pages share.
+FRAMEWORK_CHOICES = [(name, catalog.FRAMEWORK_LABELS[name]) for name in catalog.FRAMEWORKS]
+TECHNIQUE_CHOICES = [(t.name, t.label) for t in catalog.TECHNIQUE_LIST]
+TARGET_DEVICES = [(name, device["label"]) for name, device in catalog.DEVICES.items()]
+GOALS = [(goal.name, goal.label) for goal in catalog.GOAL_LIST]
+PLAN_CHOICES = [(name, label) for name, (label, _) in catalog.PLANS.items()]
 
 
 STATUS_MESSAGES = {
@@ -42,7 +31,7 @@ STATUS_MESSAGES = {
 
 
 def default_techniques() -> list[str]:
-    return list(TECHNIQUES)
+    return list(catalog.TECHNIQUES)
 
 
 class InvalidTransition(Exception):
@@ -87,12 +76,15 @@ class Experiment(models.Model):
     framework = models.CharField(max_length=20, choices=FRAMEWORK_CHOICES)
     target_device = models.CharField(max_length=30, choices=TARGET_DEVICES)
     dataset = models.CharField(max_length=100, help_text='A preset name, or "custom" for an uploaded dataset.')
-    goal = models.CharField(max_length=20, choices=GOALS, default="balanced")
+    goal = models.CharField(max_length=20, choices=GOALS, default=catalog.DEFAULT_GOAL)
     constraints = models.JSONField(default=dict, blank=True)
     techniques = models.JSONField(default=default_techniques)
     config = models.JSONField(
         default=dict, blank=True, help_text="input_shape, architecture, preprocessing, per-technique budgets"
     )
+    plan = models.CharField(max_length=10, choices=PLAN_CHOICES, default=catalog.API_DEFAULT_PLAN,
+                            help_text="budget: cheapest first, skip what cannot win or cannot finish in time")
+    time_budget_s = models.FloatField(null=True, blank=True, help_text="no technique starts that cannot finish within it")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.CREATED, db_index=True)
     stop_requested = models.BooleanField(default=False)
     attempts = models.PositiveIntegerField(default=0)
@@ -212,6 +204,9 @@ class Experiment(models.Model):
             "constraints": self.constraints,
             "techniques": self.techniques,
             "config": self.config,
+            "options": self.config.get("techniques", {}),
+            "plan": self.plan,
+            "time_budget_s": self.time_budget_s,
             "status": self.status,
             "stop_requested": self.stop_requested,
             "attempts": self.attempts,

@@ -18,9 +18,12 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Sum
 
+from optimization import catalog
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
-from optimization.datasets import IMAGE_SUFFIXES
+from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
 from optimization.safety.archives import check_zip_archive
+from optimization.safety.images import check_zipped_images
+from optimization.zoo.layouts import check_architecture_name
 
 from . import storage
 from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile
@@ -79,6 +82,10 @@ def max_upload_bytes() -> int:
     return settings.EDGEOPT_MAX_UPLOAD_MB * 1024 * 1024
 
 
+def max_dataset_bytes() -> int:
+    return settings.EDGEOPT_MAX_DATASET_MB * 2**20
+
+
 # -- uploads -------------------------------------------------------------------------------
 
 
@@ -98,13 +105,14 @@ class CheckedUpload:
 
 
 def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
-    return storage.MODEL_SUFFIXES[framework] if kind == "model" else storage.DATASET_SUFFIXES
+    return MODEL_SUFFIXES[framework] if kind == "model" else DATASET_SUFFIXES
 
 
 def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
-                 architecture: str = "") -> CheckedUpload:
+                 architecture: str = "", experiment_config: dict | None = None) -> CheckedUpload:
     """Copy the upload into storage's temp folder and check it; raise ServiceError (400 or
-    413) and keep nothing when it is refused."""
+    413) and keep nothing when it is refused. `experiment_config` is what the experiment
+    already knows (its input_shape), which the file must agree with."""
     kind = kind or "model"
     if kind not in UPLOAD_KINDS:
         raise ServiceError(f"kind must be 'model' or 'dataset', not {kind!r}", field="kind")
@@ -118,6 +126,7 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
             f"the file is {uploaded.size / 2**20:.1f} MB; uploads are limited to "
             f"{settings.EDGEOPT_MAX_UPLOAD_MB} MB", status=413, field="file")
     options = _model_options(suffix, input_shape, architecture) if kind == "model" else {}
+    known_shape = options.get("input_shape") or (experiment_config or {}).get("input_shape")
 
     digest = hashlib.sha256()
 
@@ -132,7 +141,7 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
     try:
         if size == 0:
             raise ServiceError(f"{uploaded.name!r} is empty", field="file")
-        options.update(_check_content(temp_path, suffix, kind, framework, uploaded.name))
+        _check_content(temp_path, suffix, kind, framework, uploaded.name, options, known_shape)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
@@ -158,8 +167,10 @@ def _model_options(suffix: str, input_shape: str, architecture: str) -> dict:
     if input_shape:
         options["input_shape"] = parse_input_shape(input_shape)
     if architecture:
-        if not storage.SAFE_NAME.match(architecture):
-            raise ServiceError(f"architecture {architecture!r} is not a valid name", field="architecture")
+        try:
+            check_architecture_name(architecture)
+        except InvalidInputError as exc:
+            raise ServiceError(str(exc), field="architecture") from None
         options["architecture"] = architecture
     if suffix == ".pth" and "architecture" not in options:
         raise ServiceError(
@@ -182,9 +193,9 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> dict:
-    """Refuse what cannot run; return what the experiment's config should record about the
-    file (e.g. a SavedModel that only the post-training techniques can use)."""
+def _check_content(path: Path, suffix: str, kind: str, framework: str, original_name: str,
+                   options: dict, known_shape: list[int] | None) -> None:
+    label = repr(original_name)
     expected = EXPECTED_CONTENT[suffix]
     if _sniff(path) not in expected:
         words = " or ".join(CONTENT_WORDS[c] for c in expected)
@@ -193,9 +204,11 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
         _check_zip_layout(path, suffix, kind, original_name)
     try:
         if suffix == ".npz":
-            from optimization.safety.npz_check import read_npz_headers
+            from optimization.safety.npz_check import check_samples_fit, read_npz_headers
 
-            read_npz_headers(path, original_name, settings.EDGEOPT_MAX_DATASET_MB * 2**20)
+            headers = read_npz_headers(path, original_name, max_dataset_bytes())
+            if known_shape:
+                check_samples_fit(headers, known_shape, framework, original_name)
         elif suffix == ".onnx":
             from optimization.safety.onnx_check import check_onnx_file
 
@@ -204,6 +217,7 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
             from optimization.safety.pickle_scan import check_torch_archive
 
             check_torch_archive(path)
+            _check_torch_file(path, suffix, label, options, known_shape)
         elif suffix in (".keras", ".h5"):
             from optimization.safety.keras_check import check_keras_file
 
@@ -211,10 +225,42 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
         elif suffix == ".zip" and kind == "model":
             from optimization.safety.savedmodel_check import inspect_savedmodel_zip
 
-            return inspect_savedmodel_zip(path)
+            options.update(inspect_savedmodel_zip(path))  # e.g. post_training_only: why
     except (UnsafeModelError, InvalidInputError) as exc:
         raise ServiceError(str(exc).replace(path.name, original_name), field="file") from None
-    return {}
+
+
+def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_shape) -> None:
+    """A .pt must be TorchScript, which does not record its input shape; a .pt2 a torch.export
+    archive; a .pth a state_dict of the architecture it names. All read without torch."""
+    from optimization.safety.torch_files import state_dict_shapes, torch_file_kind
+    from optimization.zoo.layouts import match_state_dict
+
+    kind = torch_file_kind(path)
+    if suffix == ".pt":
+        if kind == "exported":
+            raise InvalidInputError(f"{label} is a torch.export archive, not TorchScript: name it .pt2")
+        if kind == "saved":
+            raise InvalidInputError(
+                f"{label} was written by torch.save, not torch.jit.save: upload a state_dict as .pth with "
+                "its architecture, or save the model with torch.jit.save (.pt) or torch.export (.pt2)")
+        if kind != "torchscript":
+            raise InvalidInputError(f"{label} is not a TorchScript archive: save the model with torch.jit.save")
+        if not known_shape:
+            raise ServiceError(
+                f"{label} is TorchScript, which does not record its input shape: give input_shape, one "
+                "sample without the batch, e.g. 1,28,28 (or upload a torch.export .pt2, which records it)",
+                field="input_shape")
+    elif suffix == ".pt2" and kind in ("torchscript", "saved"):  # unknown layouts are the loader's call
+        raise InvalidInputError(f"{label} is not a torch.export archive: save the model with torch.export.save "
+                                "(a TorchScript file is a .pt, a state_dict a .pth)")
+    elif suffix == ".pth":
+        dims = match_state_dict(state_dict_shapes(path, label), options["architecture"], label)
+        if known_shape and "in_channels" in dims and known_shape[0] != dims["in_channels"]:
+            raise ServiceError(
+                f"input_shape {list(known_shape)} starts with {known_shape[0]} channels but the weights in "
+                f"{label} take {dims['in_channels']}: give input_shape as channels first, e.g. "
+                f"{dims['in_channels']},32,32", field="input_shape")
 
 
 def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) -> None:
@@ -227,11 +273,16 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
         raise ServiceError(message, field="file") from None
     files = {PurePosixPath(m.filename) for m in members if not m.is_dir()}
     if suffix == ".zip" and kind == "dataset":
-        classes = {p.parent.name for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-        if len(classes) < 2:
+        images = [m.filename for m in members
+                  if not m.is_dir() and PurePosixPath(m.filename).suffix.lower() in IMAGE_SUFFIXES]
+        if len({PurePosixPath(name).parent.name for name in images}) < 2:
             raise ServiceError(
                 f"{original_name!r} must be a zip of class folders of images (ImageFolder): "
                 "at least two folders with .png/.jpg files", field="file")
+        try:
+            check_zipped_images(path, images, repr(original_name), max_dataset_bytes())
+        except InvalidInputError as exc:
+            raise ServiceError(str(exc), field="file") from None
     if suffix == ".zip" and kind == "model" and not any(p.name == "saved_model.pb" for p in files):
         raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
 
@@ -295,7 +346,7 @@ def upload(experiment: Experiment, uploaded, kind: str = "model", input_shape: s
     if experiment.is_active:
         raise ServiceError(f"the experiment is {experiment.status}; stop it before uploading", status=409)
     check_storage_quota(experiment.owner, uploaded.size, replacing=_replaced_by(experiment, kind))
-    checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture)
+    checked = check_upload(experiment.framework, uploaded, kind, input_shape, architecture, experiment.config)
     return place_upload(experiment, checked)
 
 
@@ -323,6 +374,8 @@ def create_experiment(data: dict, *, owner) -> Experiment:
         constraints=data.get("constraints") or {},
         techniques=data.get("techniques") or list(TECHNIQUES),
         config=data.get("config") or {},
+        plan=data.get("plan") or catalog.API_DEFAULT_PLAN,
+        time_budget_s=data.get("time_budget_s"),
     )
     ExperimentProgress.objects.create(
         experiment=experiment, status=experiment.status, technique_count=len(experiment.techniques)
@@ -379,9 +432,9 @@ def create_and_start(data: dict, model_file=None, dataset_file=None, *, owner) -
     try:
         if model_file:
             checked.append(check_upload(data["framework"], model_file, "model",
-                                        data.get("input_shape", ""), data.get("architecture", "")))
+                                        data.get("input_shape", ""), data.get("architecture", ""), data.get("config")))
         if dataset_file:
-            checked.append(check_upload(data["framework"], dataset_file, "dataset"))
+            checked.append(check_upload(data["framework"], dataset_file, "dataset", experiment_config=data.get("config")))
         with transaction.atomic():
             experiment = create_experiment(data, owner=owner)
             for upload_ in checked:

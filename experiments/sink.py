@@ -102,6 +102,8 @@ class DjangoSink:
     # -- results ---------------------------------------------------------------------------
 
     def analysis(self, analysis: dict) -> None:
+        if analysis.get("error"):  # "analysis failed: ..." may name the deploy file's folder
+            analysis = {**analysis, "error": storage.public_error(analysis["error"])}
         Experiment.objects.filter(pk=self.experiment.pk).update(analysis=jsonable(analysis))
 
     def baseline(self, metrics: dict) -> None:
@@ -131,7 +133,7 @@ class DjangoSink:
             OptimizationRun.objects.update_or_create(
                 experiment=self.experiment, technique=technique,
                 defaults={**fields, "status": run.get("status") or OptimizationRun.Status.COMPLETED,
-                          "error": run.get("error") or "", "finished_at": timezone.now()},
+                          "error": storage.public_error(run.get("error") or ""), "finished_at": timezone.now()},
             )
             self.experiment.files.filter(role=ModelFile.Role.OPTIMIZED, technique=technique).delete()
             self._record_artifacts(ModelFile.Role.OPTIMIZED, technique, artifacts)

@@ -19,13 +19,9 @@ from pathlib import Path
 from django.conf import settings
 from django.utils.text import slugify
 
+from optimization.catalog import MODEL_SUFFIXES
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Formats a framework loads, in the order a pretrained model is picked when several exist.
-MODEL_SUFFIXES = {
-    "pytorch": (".pt2", ".pt", ".pth", ".onnx"),
-    "tensorflow": (".keras", ".h5", ".zip"),
-}
-DATASET_SUFFIXES = (".npz", ".zip")
 
 
 class StorageError(ValueError):
@@ -54,6 +50,34 @@ class StorageWriteError(Exception):
         reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
         return cls(f"storage is unavailable: could not {action} ({reason}); try again later or "
                    "ask the administrator to check the storage folder", UNAVAILABLE_STATUS)
+
+
+# Errors whose message is written for the user: the class name in front adds nothing.
+USER_FACING_ERRORS = ("ValueError", "InvalidInputError", "UnsafeModelError", "ArtifactWriteError",
+                      "TechniqueNotApplicable")
+_PATH_PART = r"[^\s/'\"`:,;()\[\]{}<>]+"
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~/-])(?:/{_PATH_PART})+/?")
+_PACKAGE_FOLDERS = ("site-packages", "dist-packages")
+
+
+def public_error(message: str) -> str:
+    """An error as stored on an experiment or a run, for users: no absolute server path (a
+    file in storage by its storage name, an installed package's file from the package on,
+    anything else by its last part) and no class name before a message written for users."""
+    kind, colon, rest = str(message).partition(": ")
+    text = rest if colon and kind in USER_FACING_ERRORS else str(message)
+    return _ABSOLUTE_PATH.sub(lambda match: _public_path(match.group(0)), text)
+
+
+def _public_path(text: str) -> str:
+    path = Path(text)
+    for base in (root(), Path(settings.EDGEOPT_STORAGE_ROOT)):
+        if path.is_relative_to(base) and path != base:
+            return path.relative_to(base).as_posix()
+    for folder in _PACKAGE_FOLDERS:
+        if folder in path.parts[:-1]:
+            return Path(*path.parts[path.parts.index(folder) + 1:]).as_posix()
+    return path.name
 
 
 def root() -> Path:

@@ -39,6 +39,8 @@ def build_spec(experiment: Experiment):
         techniques=list(experiment.techniques),
         output_dir=storage.optimized_dir(experiment.pk),
         config={"seed": 0, **experiment.config},
+        plan=experiment.plan,
+        time_budget_s=experiment.time_budget_s,
     )
 
 
@@ -65,6 +67,9 @@ def run_experiment(experiment_id: int) -> str:
     experiment.mark_running()
     error = ""
     try:
+        from optimization.worker import prepare_worker_process
+
+        prepare_worker_process()  # before the engine loads torch / TensorFlow
         from optimization.orchestrator import run_experiment as run_with_engine
 
         status = run_with_engine(build_spec(experiment), DjangoSink(experiment))
@@ -74,7 +79,7 @@ def run_experiment(experiment_id: int) -> str:
             error = "the run failed; each technique's error is in its row"
     except Exception as exc:
         logger.exception("experiment %s failed", experiment_id)
-        status, error = Experiment.Status.FAILED, f"{type(exc).__name__}: {exc}"
+        status, error = Experiment.Status.FAILED, storage.public_error(f"{type(exc).__name__}: {exc}")
     experiment.refresh_from_db()
     experiment.finish(status, error=error)
     notify(experiment_id)

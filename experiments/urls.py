@@ -11,6 +11,7 @@ urlpatterns = [
     path("experiments/<int:experiment_id>/stop", views.stop, name="stop"),
     path("experiments/<int:experiment_id>/results/", views.results, name="results"),
     # JSON API
+    path("api/catalog", api.catalog_view, name="api-catalog"),
     path("api/experiments", api.experiment_list, name="api-list"),
     path("api/experiments/create", api.experiment_create, name="api-create"),
     path("api/experiments/<int:experiment_id>", api.experiment_detail, name="api-detail"),

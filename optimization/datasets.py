@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optimization.catalog import IMAGE_SUFFIXES
+
 LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_SPLIT_SEED = 0
 
@@ -112,7 +114,6 @@ def load_digits_preset(preset_dir: Path, layout: str) -> Dataset:
 
 # --------------------------------------------------------------------------- standard formats and uploads
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
     "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
@@ -341,6 +342,7 @@ def _read_class_folders(root: Path, classes: list[str], preprocessing: dict) -> 
     from PIL import Image, UnidentifiedImageError
 
     from optimization.base import InvalidInputError
+    from optimization.safety.images import image_size
 
     files = [(label, f) for label, c in enumerate(classes)
              for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -348,6 +350,7 @@ def _read_class_folders(root: Path, classes: list[str], preprocessing: dict) -> 
         raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders {classes}")
     images, labels = [], []
     for label, file in files:
+        image_size(file, f"{file.name} in class {classes[label]!r}")  # the upload's cap, before decoding
         try:
             with Image.open(file) as image:
                 image.load()

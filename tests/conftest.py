@@ -17,6 +17,14 @@ DEMO_BODY = {"name": "digits demo", "framework": "pytorch", "target_device": "rp
              "goal": "balanced", "constraints": {"max_accuracy_drop": 1.0}}
 
 
+def pytest_configure(config):
+    """The tests run the engine in this process, as the worker does: prepared once, before any
+    test module imports a backend."""
+    from optimization.worker import prepare_worker_process
+
+    prepare_worker_process()
+
+
 @pytest.fixture(autouse=True)
 def storage_root(request, tmp_path):
     """Every test gets its own storage, so nothing touches the project's models/ or dataset/.
@@ -94,20 +102,25 @@ class RunsCode:
 
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory):
-    """Tiny real PyTorch files: TorchScript .pt, a state_dict .pth, a pickled whole model and
-    a .pth whose pickle would run a shell command (with the marker it would create)."""
+    """Tiny real PyTorch files: TorchScript .pt, a digits_cnn state_dict .pth, a torch.export .pt2,
+    a pickled whole model and a .pth whose pickle would run a shell command (with the marker it
+    would create)."""
     import torch
+
+    from optimization.zoo.pytorch import build
 
     folder = tmp_path_factory.mktemp("models")
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     torch.jit.save(torch.jit.script(net), folder / "tiny.pt")
-    torch.save(net.state_dict(), folder / "weights.pth")
+    torch.save(build("digits_cnn", 10, 1).state_dict(), folder / "weights.pth")
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 8, 8),)), folder / "exported.pt2")
     torch.save(net, folder / "whole_model.pth")
     marker = folder / "code-ran"
     torch.save({"weights": RunsCode(marker)}, folder / "trojan.pth")
     (folder / "trojan_legacy.pth").write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
-    return {"pt": folder / "tiny.pt", "state_dict": folder / "weights.pth", "whole": folder / "whole_model.pth",
-            "trojan": folder / "trojan.pth", "trojan_legacy": folder / "trojan_legacy.pth", "marker": marker}
+    return {"pt": folder / "tiny.pt", "state_dict": folder / "weights.pth", "exported": folder / "exported.pt2",
+            "whole": folder / "whole_model.pth", "trojan": folder / "trojan.pth",
+            "trojan_legacy": folder / "trojan_legacy.pth", "marker": marker}
 
 
 def upload_file(path: Path, name: str | None = None) -> SimpleUploadedFile:
@@ -129,6 +142,19 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
         for name, data in entries.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries no pixels: what a decompression bomb
+    looks like to a header reader, in 60 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 @pytest.fixture

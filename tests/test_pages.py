@@ -40,7 +40,7 @@ def test_setup_form_with_pretrained_model_creates_starts_and_redirects_to_monito
 
 
 def test_setup_form_with_an_uploaded_model_stores_it(client, model_files):
-    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"])})
+    response = client.post("/", {**SETUP, "model_file": upload_file(model_files["pt"]), "input_shape": "1,8,8"})
 
     experiment = Experiment.objects.get(name="from the page")
     assert response.status_code == 302

@@ -85,7 +85,7 @@ def test_upload_whose_final_rename_fails_keeps_nothing_in_storage(
         storage.StorageWriteError.from_os_error(OSError(errno.ENOSPC, "full"), "save the upload")))
 
     response = client.post(f"/api/experiments/{experiment.pk}/upload",
-                              {"file": upload_file(model_files["pt"])})
+                              {"file": upload_file(model_files["pt"]), "input_shape": "1,8,8"})
 
     assert response.status_code == 507
     assert files_under(storage_root) == []

@@ -22,7 +22,7 @@ def stored_files(storage_root):
 def test_torchscript_upload_makes_the_experiment_ready(client, new_experiment, model_files, storage_root):
     experiment = new_experiment(name="My CNN!")
 
-    response = upload(client, experiment, upload_file(model_files["pt"], "../../evil name.pt"))
+    response = upload(client, experiment, upload_file(model_files["pt"], "../../evil name.pt"), input_shape="1,8,8")
 
     assert response.status_code == 200, response.json()
     assert response.json()["status"] == "ready"
@@ -105,7 +105,7 @@ def test_pickled_whole_model_or_code_returns_400_and_runs_nothing(client, new_ex
 
 def test_a_second_bad_upload_keeps_the_first_good_model(client, new_experiment, model_files, storage_root):
     experiment = new_experiment()
-    assert upload(client, experiment, upload_file(model_files["pt"])).status_code == 200
+    assert upload(client, experiment, upload_file(model_files["pt"]), input_shape="1,8,8").status_code == 200
     before = stored_files(storage_root)
 
     response = upload(client, experiment, SimpleUploadedFile("model.pt", b"PK\x03\x04 broken zip"))
@@ -119,7 +119,7 @@ def test_a_second_bad_upload_keeps_the_first_good_model(client, new_experiment, 
 
 def test_a_new_model_replaces_the_pretrained_one_and_keeps_the_shared_file(
         client, ready_experiment, model_files, pretrained_model):
-    response = upload(client, ready_experiment, upload_file(model_files["pt"]))
+    response = upload(client, ready_experiment, upload_file(model_files["pt"]), input_shape="1,8,8")
 
     assert response.status_code == 200
     assert response.json()["model"]["role"] == "upload"
@@ -188,3 +188,61 @@ def test_oversized_file_is_refused_by_the_service_too(settings, storage_root):
     assert refused.value.status == 413
     assert not (storage_root / "models" / ".incoming").exists() or not any(
         (storage_root / "models" / ".incoming").iterdir())
+
+
+def test_torchscript_without_input_shape_returns_400_asking_for_it(client, new_experiment, model_files, storage_root):
+    experiment = new_experiment()
+
+    response = upload(client, experiment, upload_file(model_files["pt"]))
+
+    assert response.status_code == 400
+    assert "input_shape" in response.json()["error"] and ".pt2" in response.json()["error"]
+    assert stored_files(storage_root) == []
+
+
+def test_torchscript_without_input_shape_is_accepted_when_the_experiment_has_one(
+        client, new_experiment, model_files):
+    experiment = new_experiment(config={"input_shape": [1, 8, 8]})
+
+    response = upload(client, experiment, upload_file(model_files["pt"]))
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["config"]["input_shape"] == [1, 8, 8]
+
+
+@pytest.mark.parametrize("file_key, name, words", [
+    ("state_dict", "model.pt", ["torch.save", ".pth"]),
+    ("exported", "model.pt", ["torch.export", ".pt2"]),
+    ("pt", "model.pt2", ["torch.export.save", "TorchScript file is a .pt"]),
+])
+def test_a_torch_file_under_another_suffix_says_which_name_it_needs(client, new_experiment, model_files, file_key,
+                                                                     name, words):
+    response = upload(client, new_experiment(), upload_file(model_files[file_key], name), input_shape="1,8,8")
+
+    assert response.status_code == 400
+    assert all(word in response.json()["error"] for word in words), response.json()
+
+
+def test_state_dict_with_an_unknown_architecture_returns_400_listing_the_built_in_ones(
+        client, new_experiment, model_files):
+    response = upload(client, new_experiment(), upload_file(model_files["state_dict"]), architecture="resnet50")
+
+    assert response.status_code == 400
+    assert "digits_cnn, mobilenet_v2, resnet_small" in response.json()["error"]
+
+
+def test_state_dict_of_another_architecture_returns_400_naming_the_missing_weights(
+        client, new_experiment, model_files):
+    response = upload(client, new_experiment(), upload_file(model_files["state_dict"]), architecture="resnet_small")
+
+    assert response.status_code == 400
+    assert "does not hold the weights of 'resnet_small'" in response.json()["error"]
+    assert "missing" in response.json()["error"]
+
+
+def test_state_dict_with_an_input_shape_of_other_channels_returns_400(client, new_experiment, model_files):
+    response = upload(client, new_experiment(), upload_file(model_files["state_dict"]),
+                      architecture="digits_cnn", input_shape="3,8,8")
+
+    assert response.status_code == 400
+    assert "take 1" in response.json()["error"]

@@ -9,10 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 from onnx import TensorProto, helper
 
 from experiments.models import ModelFile
-from tests.conftest import npz_bytes, zip_bytes
+from tests.conftest import npz_bytes, png_header_only, zip_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -144,3 +145,102 @@ def test_a_valid_onnx_file_is_accepted(client, new_experiment):
 
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "ready"
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    """A real small image."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def image_folder(extra: dict[str, bytes] | None = None) -> bytes:
+    images = {f"{label}/{i}.png": png_bytes(8, 8) for label in ("cats", "dogs") for i in range(3)}
+    return zip_bytes({**images, **(extra or {})})
+
+
+def test_a_well_formed_image_folder_is_accepted(client, ready_experiment):
+    response = upload(client, ready_experiment, "images.zip", image_folder(), kind="dataset")
+
+    assert response.status_code == 200, response.content
+
+
+def test_an_image_declaring_a_hundred_megapixels_is_refused_by_name(client, ready_experiment, storage_root):
+    bomb = image_folder({"dogs/huge.png": png_header_only(10_000, 10_000)})
+
+    response = upload(client, ready_experiment, "images.zip", bomb, kind="dataset")
+
+    assert len(bomb) < 10_000
+    assert_refused(response, "'dogs/huge.png'", "10000x10000", "50 megapixels", storage_root=storage_root)
+
+
+def test_a_file_named_png_that_is_not_an_image_is_refused_by_name(client, ready_experiment):
+    response = upload(client, ready_experiment, "images.zip",
+                      image_folder({"cats/notes.png": b"just text"}), kind="dataset")
+
+    assert_refused(response, "'cats/notes.png'", "not a readable image")
+
+
+def test_images_that_decode_past_the_dataset_limit_are_refused(client, ready_experiment, settings):
+    settings.EDGEOPT_MAX_DATASET_MB = 1
+    many = image_folder({f"cats/big{i}.png": png_header_only(1000, 1000) for i in range(2)})
+
+    response = upload(client, ready_experiment, "images.zip", many, kind="dataset")
+
+    assert_refused(response, "decodes to 2 MiB", "EDGEOPT_MAX_DATASET_MB")
+
+
+def test_npz_samples_of_another_shape_than_the_model_takes_are_refused_with_the_layout(
+        client, new_experiment):
+    experiment = new_experiment(config={"input_shape": [1, 8, 8]})
+    channels_last = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.arange(4))
+
+    response = upload(client, experiment, "data.npz", channels_last, kind="dataset")
+
+    assert_refused(response, "(8, 8, 1)", "takes (1, 8, 8)", "channels first", "(4, 1, 8, 8)")
+
+
+def test_npz_samples_of_the_model_shape_are_accepted(client, new_experiment):
+    experiment = new_experiment(config={"input_shape": [1, 8, 8]})
+    channels_first = npz_arrays(x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+
+    assert upload(client, experiment, "data.npz", channels_first, kind="dataset").status_code == 200
+
+
+def test_npz_whose_train_and_test_samples_differ_in_shape_is_refused(client, ready_experiment):
+    split = npz_arrays(x_train=np.zeros((4, 1, 8, 8), np.float32), y_train=np.arange(4),
+                       x_test=np.zeros((2, 1, 9, 9), np.float32), y_test=np.arange(2))
+
+    response = upload(client, ready_experiment, "data.npz", split, kind="dataset")
+
+    assert_refused(response, "x_train and x_test", "(1, 8, 8)", "(1, 9, 9)")
+
+
+def test_npz_with_fractional_labels_is_refused(client, ready_experiment):
+    fractional = npz_arrays(x=np.zeros((4, 8, 8, 1), np.float32), y=np.linspace(0, 1, 4))
+
+    assert_refused(upload(client, ready_experiment, "data.npz", fractional, kind="dataset"), "integer class")
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["production", "debug"])
+def test_a_form_with_too_many_fields_answers_400_json(owner, new_experiment, settings, debug):
+    settings.DEBUG, settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = debug, 10
+    browser = Client(enforce_csrf_checks=True)  # the CSRF check parses the form first
+    browser.force_login(owner)
+    browser.get("/")  # the page sets the CSRF cookie
+    fields = {f"field{i}": "x" for i in range(20)}
+
+    response = upload(browser, new_experiment(), "model.onnx", onnx_bytes(), **fields)
+
+    assert_refused(response, "more than 10 fields", "input_shape")
+
+
+def test_a_form_with_too_many_files_answers_400_json(client, new_experiment, settings):
+    settings.DATA_UPLOAD_MAX_NUMBER_FILES = 3
+    files = [SimpleUploadedFile(f"m{i}.onnx", onnx_bytes()) for i in range(5)]
+
+    response = client.post(f"/api/experiments/{new_experiment().pk}/upload", {"file": files})
+
+    assert_refused(response, "more than 3 files", "one file")

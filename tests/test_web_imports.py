@@ -42,13 +42,19 @@ statuses["pickle"] = client.post(f"/api/experiments/{pk}/upload",
      "architecture": "digits_cnn"}).status_code
 statuses["keras"] = client.post(f"/api/experiments/{pk}/upload",
     {"file": SimpleUploadedFile("m.keras", b"PK\x03\x04junk")}).status_code
+with open(os.environ["STATE_DICT"], "rb") as handle:  # keys and shapes read without torch
+    weights = handle.read()
+statuses["state_dict"] = client.post(f"/api/experiments/{pk}/upload",
+    {"file": SimpleUploadedFile("w.pth", weights), "architecture": "digits_cnn"}).status_code
+statuses["other_architecture"] = client.post(f"/api/experiments/{pk}/upload",
+    {"file": SimpleUploadedFile("w.pth", weights), "architecture": "resnet_small"}).status_code
 print(json.dumps({"statuses": statuses, "urls": len(urlpatterns),
                   "heavy": sorted(m for m in ("torch", "tensorflow", "keras", "tf_keras") if m in sys.modules)}))
 """
 
 
-def test_the_web_process_serves_pages_and_checks_uploads_without_torch_or_tensorflow(tmp_path):
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "edgeopt_site.settings",
+def test_the_web_process_serves_pages_and_checks_uploads_without_torch_or_tensorflow(tmp_path, model_files):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "edgeopt_site.settings", "STATE_DICT": str(model_files["state_dict"]),
            "DATABASE_URL": f"sqlite:///{tmp_path / 'web.sqlite3'}", "EDGEOPT_STORAGE_ROOT": str(tmp_path)}
 
     result = subprocess.run([sys.executable, "-c", WEB_SESSION], cwd=ROOT, env=env,
@@ -57,6 +63,7 @@ def test_the_web_process_serves_pages_and_checks_uploads_without_torch_or_tensor
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["statuses"] == {"login": 200, "setup": 200, "monitor": 200, "results": 200, "admin": 302,
-                                  "garbage": 400, "pickle": 400, "keras": 400}
+                                  "garbage": 400, "pickle": 400, "keras": 400, "state_dict": 200,
+                                  "other_architecture": 400}
     assert report["urls"] >= 12
     assert report["heavy"] == []

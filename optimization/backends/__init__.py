@@ -4,11 +4,6 @@ from __future__ import annotations
 import importlib
 
 from optimization.base import FRAMEWORKS, Backend
-from optimization.hostcpu import keep_matrix_engine_out
-
-# before LiteRT or onnxruntime pick their CPU kernels: host latency is measured without the
-# matrix engine edge boards lack (see optimization.hostcpu)
-keep_matrix_engine_out()
 
 LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 RUNTIMES = {"pytorch": "onnxruntime", "tensorflow": "tflite"}

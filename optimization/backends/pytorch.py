@@ -7,7 +7,6 @@ run by onnxruntime's CPU execution provider. Native format: a torch.export `.pt2
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from optimization.base import (
     ProgressFn,
     UnsafeModelError,
 )
+from optimization.atomic import atomic_output
 from optimization.backends.pytorch_graph import prepare_exported_module
 from optimization.evaluator import steady_latency_ms
 from optimization.safety.pickle_scan import check_torch_archive
@@ -34,9 +34,6 @@ OUTPUT_NAME = "logits"
 # gives an eager nn.Module (prunable, trainable) instead of a flat exported graph.
 ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
-# One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
-# processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
-torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
 
 # loss_fn(logits, targets, inputs) -> scalar loss; inputs let distillation ask its teacher.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,7 +67,8 @@ class PyTorchBackend:
     def export_deploy(self, model: LoadedModel, path: Path) -> Path:
         path = Path(path)
         if model.source_format == "onnx":
-            shutil.copyfile(model.module, path)
+            with atomic_output(path) as partial:
+                shutil.copyfile(model.module, partial)
             return path
         return export_onnx(model.module, model.input_shape, path)
 
@@ -276,7 +274,8 @@ def export_onnx(module, input_shape: tuple, path: Path) -> Path:
         # the exporter annotates every node with Python stack traces and module paths: debugging
         # aids that made a MobileNet's download 6% larger and disclose source paths
         del node.metadata_props[:]
-    onnx.save(model, str(path))
+    with atomic_output(path) as partial:
+        onnx.save(model, str(partial))
     return path
 
 
@@ -291,7 +290,8 @@ def save_pt2(module, input_shape: tuple, path: Path, architecture: str | None = 
         extra_files[ARCHITECTURE_EXTRA_FILE] = json.dumps(
             {"name": architecture, "num_classes": num_classes, "kwargs": getattr(module, "zoo_kwargs", {})}
         )
-    torch.export.save(program, str(path), extra_files=extra_files)
+    with atomic_output(path) as partial:
+        torch.export.save(program, str(partial), extra_files=extra_files)
     return path
 
 

@@ -1,9 +1,10 @@
 """TensorFlow/Keras backend: safe loading, `.keras` / `.tflite` export, LiteRT measurement,
 and the work every TensorFlow technique shares (fit with progress, conversion, counting).
 
-tfmot needs the Keras 2 implementation (tf_keras), so `TF_USE_LEGACY_KERAS` is set before
-TensorFlow is imported and `keras` below is tf_keras everywhere in the engine. A Keras 3 file
-(what TensorFlow 2.21's own tf.keras saves) is loaded by Keras 3 and converted to tf_keras
+tfmot needs the Keras 2 implementation (tf_keras): `prepare_worker_process()` sets
+`TF_USE_LEGACY_KERAS` before TensorFlow is imported, so `keras` below is tf_keras everywhere in
+the engine; importing this module without it is refused. A Keras 3 file (what TensorFlow
+2.21's own tf.keras saves) is loaded by Keras 3 and converted to tf_keras
 (`keras3_convert.py`); a SavedModel without Keras metadata is kept as its serving function
 (`ServingFunction`), which only the post-training techniques use.
 Deploy artifacts run in LiteRT (`ai_edge_litert`), one thread, so latencies compare.
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+    raise RuntimeError("the TensorFlow backend needs tf_keras: call optimization.worker.prepare_worker_process() "
+                       "at the start of the process, before TensorFlow is imported")
 
 import shutil
 import tempfile
@@ -32,6 +34,7 @@ from optimization.base import (
     ProgressFn,
     TechniqueConfig,
 )
+from optimization.atomic import atomic_output
 from optimization.evaluator import steady_latency_ms
 from optimization.safety.archives import safe_extract_zip
 from optimization.safety.keras_check import check_keras_file, keras_major_version
@@ -251,7 +254,8 @@ def save_keras(model, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model, ServingFunction):
         return model.save(path.with_suffix(".zip"))
-    model.save(path)
+    with atomic_output(path) as partial:
+        model.save(partial)
     return path
 
 
@@ -322,7 +326,8 @@ def compact_tensor_names(content: bytes) -> bytes:
 def write_bytes(content: bytes, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
+    with atomic_output(path) as partial:
+        partial.write_bytes(content)
     return path
 
 

@@ -61,7 +61,31 @@ def read_npz_headers(path: Path, label: str, max_bytes: int, max_ratio: float = 
                                     "per sample, shape (n,)")
         if x_shape[0] != y_shape[0]:
             raise InvalidInputError(f"{label}: {x_name} has {x_shape[0]} samples but {y_name} has {y_shape[0]} labels")
+        if headers[y_name][0].kind not in "iu":
+            raise InvalidInputError(f"{label}: {y_name} has dtype {headers[y_name][0]}; labels are integer class "
+                                    "indices (0, 1, 2, ...), e.g. y.astype('int64')")
+    samples = {name: headers[name][1][1:] for name in keys if name.startswith("x")}
+    if len(set(samples.values())) > 1:
+        raise InvalidInputError(f"{label}: x_train and x_test must hold samples of one shape; they hold "
+                                f"{samples['x_train']} and {samples['x_test']}")
     return headers
+
+
+# How each framework's models take one sample, for messages.
+SAMPLE_LAYOUTS = {"pytorch": "channels first (C, H, W)", "tensorflow": "channels last (H, W, C)"}
+
+
+def check_samples_fit(headers: dict, input_shape, framework: str, label: str) -> None:
+    """The samples of an .npz checked by read_npz_headers must have the model's input shape
+    (one sample, no batch): the engine uses uploaded arrays as they are."""
+    wanted = tuple(int(n) for n in input_shape)
+    for name in ("x", "x_train", "x_test"):
+        if name in headers and headers[name][1][1:] != wanted:
+            got = headers[name][1]
+            raise InvalidInputError(
+                f"{label}: {name} holds samples of shape {got[1:]} but the model takes {wanted} "
+                f"({SAMPLE_LAYOUTS.get(framework, 'its own layout')}, no batch): save {name} as an array "
+                f"of shape {(got[0], *wanted)}, or give the model's input_shape if it is not {wanted}")
 
 
 def _npy_header(handle, label: str, name: str) -> tuple[np.dtype, tuple[int, ...]]:

@@ -148,3 +148,36 @@ def build(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
     module = ARCHITECTURES[name](num_classes, in_channels, **kw)
     module.zoo_kwargs = dict(kw)  # recorded in saved .pt2 files so they load back as this class
     return module
+
+
+# Two builds with different class and channel counts tell which dimensions follow each.
+_PROBES = ({"num_classes": 11, "in_channels": 5}, {"num_classes": 13, "in_channels": 7})
+
+
+def state_dict_layouts() -> dict[str, dict[str, list]]:
+    """{architecture: {state_dict key: shape}} for every built-in architecture, a dimension
+    that follows the dataset written "num_classes" or "in_channels": what
+    `layouts.STATE_DICT_LAYOUTS` holds for the web process, which cannot import torch."""
+    layouts = {}
+    for name in sorted(ARCHITECTURES):
+        first, second = ({k: tuple(v.shape) for k, v in build(name, **probe).state_dict().items()}
+                         for probe in _PROBES)
+        layouts[name] = {
+            key: [a if a == b else next(symbol for symbol in _PROBES[0] if _PROBES[0][symbol] == a
+                                        and _PROBES[1][symbol] == b)
+                  for a, b in zip(shape, second[key])]
+            for key, shape in first.items()
+        }
+    return layouts
+
+
+if __name__ == "__main__":  # python -m optimization.zoo.pytorch: rewrite the layouts file
+    import json
+
+    from optimization.zoo.layouts import LAYOUTS_FILE
+
+    blocks = [f"  {json.dumps(name)}: {{\n" + ",\n".join(
+        f"    {json.dumps(key)}: {json.dumps(shape)}" for key, shape in layout.items()) + "\n  }"
+        for name, layout in state_dict_layouts().items()]
+    LAYOUTS_FILE.write_text("{\n" + ",\n".join(blocks) + "\n}\n")
+    print(f"wrote {LAYOUTS_FILE}")

@@ -9,6 +9,7 @@ import secrets
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
 from django.core.management.base import BaseCommand
 
 from optimization.base import FRAMEWORKS
@@ -39,7 +40,8 @@ class Command(BaseCommand):
     def ensure_demo_user(self) -> None:
         """Set the password from EDGEOPT_DEMO_PASSWORD, or a random one when the user has none
         (new, or made by the accounts migration for older experiments); else leave it."""
-        user, _ = get_user_model().objects.get_or_create(username=DEMO_USERNAME)
+        user, _ = get_user_model().objects.get_or_create(username=DEMO_USERNAME,
+                                                         defaults={"password": make_password(None)})
         password = os.getenv("EDGEOPT_DEMO_PASSWORD")
         if password:
             if not user.check_password(password):

@@ -1,9 +1,9 @@
 """Post-training 4-bit weight quantization in onnxruntime.
 
-mode "fc4_conv8" (default): fully connected layers become MatMulNBits (4-bit blockwise weights,
+scheme "fc4_conv8" (default): fully connected layers become MatMulNBits (4-bit blockwise weights,
 a fast native kernel) and convolutions are INT8 as in ptq_int8 (same format and granularity
 options): onnxruntime has no fast 4-bit convolution.
-mode "all4": every weight 4-bit QDQ (smallest file, but the CPU dequantizes 4-bit weights at run
+scheme "all4": every weight 4-bit QDQ (smallest file, but the CPU dequantizes 4-bit weights at run
 time, which made a convnet several times slower).
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from optimization.base import TechniqueNotApplicable
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
-    INT8_DEFAULTS,
     PyTorchTechnique,
     file_size,
     int8_options,
@@ -21,22 +20,17 @@ from optimization.techniques.pytorch._common import (
     weighted_ops,
 )
 
-MODES = ("fc4_conv8", "all4")
-
 
 class Technique(PyTorchTechnique):
     name = "ptq_int4"
     post_training = True
-    defaults = {"mode": "fc4_conv8", "block_size": 32, **INT8_DEFAULTS}
 
     def estimate_time(self, model_info, config) -> float:
         return 1.25 * self.quantize_seconds(model_info, self.options(config))
 
     def optimize(self, model, config, dataset, progress):
         options = self.options(config)
-        mode = options["mode"]
-        if mode not in MODES:
-            raise TechniqueNotApplicable(f"unknown ptq_int4 mode {mode!r}; choose one of {MODES}")
+        mode = options["scheme"]
         quantization = int8_options(options)
         deploy, _ = self.paths(config)
         progress(0.05, f"exporting FP32 ONNX ({mode})", {})
@@ -64,12 +58,13 @@ class Technique(PyTorchTechnique):
                           for name in ops.get("Conv", []) + ops.get("QLinearConv", [])}
         progress(0.8, "saving the native model", {"size_bytes": file_size(deploy)})
         details = {
-            "bits": 4, "mode": mode, "layers": layers, "kept_wider": kept_wider,
+            "bits": 4, "scheme": mode, "layers": layers, "kept_wider": kept_wider,
             "convolutions": conv_quantization,
             "activations": "uint8, MinMax calibration",
             "block_size": options["block_size"] if mode == "fc4_conv8" else None,
             "native": "FP32 .pt2: the 4-bit model exists only as ONNX",
         }
         result = self.result(config, model, model.module, details, deploy_written=True)
+        result.record(precision="int4", calibration_samples=int(len(dataset.x_calib))).record_weight_bits()
         progress(1.0, "4-bit model written", {"size_bytes": file_size(deploy)})
         return result

@@ -51,15 +51,13 @@ def narrowed_step_cost(keep_fraction: float, distill: bool = False) -> float:
 
 
 def prune_filters_finetuned(keras_model, dataset, options: dict, progress, span, seed=0):
-    """Keep `keep_fraction` of the filters of every prunable layer, then fine-tune for
+    """Remove `pruning_ratio` of the filters of every prunable layer, then fine-tune for
     `epochs` with the learning rate cosine-decayed to zero; with `distill`, on the unpruned
     model's soft targets plus the labels (distillation's train_step, the unpruned model as
     teacher), which recovers more of a wide cut than the labels alone."""
     from optimization.backends.tensorflow import adam, count_params_macs, fit, training_steps
 
-    keep_fraction = float(options["keep_fraction"])
-    if not 0.0 < keep_fraction < 1.0:
-        raise ValueError(f"keep_fraction must be between 0 and 1, not {keep_fraction}")
+    keep_fraction = 1 - float(options["pruning_ratio"])
     progress(span[0], "ranking filters and rebuilding the model", {})
     pruned, surgery = shrink_channels(keras_model, keep_fraction, copy_weights=True)
     epochs, batch_size = int(options["epochs"]), int(options["batch_size"])
@@ -75,10 +73,17 @@ def prune_filters_finetuned(keras_model, dataset, options: dict, progress, span,
         message="fine-tuning the pruned model" + (" (distilled from the original)" if distill else ""))
     params_before, macs_before = count_params_macs(keras_model)
     params_after, macs_after = count_params_macs(pruned)
-    return pruned, {**surgery, "keep_fraction": keep_fraction, "epochs": epochs,
+    return pruned, {**surgery, "pruning_ratio": float(options["pruning_ratio"]), "epochs": epochs,
+                    "channels_kept": channels_kept(surgery),
                     "distilled_from_original": distill, "learning_rate_schedule": "cosine",
                     "params_before": params_before, "params_after": params_after,
                     "macs_before": macs_before, "macs_after": macs_after}
+
+
+def channels_kept(surgery: dict) -> float:
+    """The share of filters kept over the layers whose channels shrank."""
+    before = sum(layer["channels_before"] for layer in surgery["pruned_layers"])
+    return round(sum(layer["channels_after"] for layer in surgery["pruned_layers"]) / before, 4) if before else 1.0
 
 
 

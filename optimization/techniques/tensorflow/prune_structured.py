@@ -21,17 +21,12 @@ from optimization.techniques.tensorflow._common import narrowed_step_cost, prune
 class Technique(BaseOptimization):
     name = "prune_structured"
     framework = "tensorflow"
-    # Chosen on MobileNetV2 (alpha 0.35, 32x32) at half its channels: 3 epochs on the labels
-    # alone left it 8 pts down, 10 on the labels 7; 10 distilled from the original 1.7 pts at
-    # a rate of 1e-3 and 1.1 at 3e-3, 20 at 1e-3 1.1. The digits demo recovers fully in 10.
-    defaults = {"keep_fraction": 0.5, "epochs": 15, "learning_rate": 3e-3, "batch_size": 32,
-                "distill": True, "temperature": 4.0, "alpha": 0.7}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
 
         options = self.options(config)
-        step = narrowed_step_cost(options["keep_fraction"], options["distill"])
+        step = narrowed_step_cost(1 - options["pruning_ratio"], options["distill"])
         return training_seconds(model_info, options["epochs"], step=step) + conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
@@ -41,8 +36,8 @@ class Technique(BaseOptimization):
                                                   progress, span=(0.05, 0.9), seed=config.seed)
         progress(0.9, "converting to .tflite", {})
         deploy = convert_to_tflite(pruned, Path(config.output_dir) / f"{self.name}.tflite")
-        details["precision"] = "fp32"
         return technique_result(self.name, config, pruned, deploy, details,
-                                preparation=model.preparation)
+                                preparation=model.preparation).record(
+            precision="fp32", channels_kept=details.pop("channels_kept"), epochs=details.pop("epochs"))
 
 

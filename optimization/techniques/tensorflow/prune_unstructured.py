@@ -13,7 +13,6 @@ from optimization.techniques.tensorflow._common import PRUNING_SETUP, prune_magn
 class Technique(BaseOptimization):
     name = "prune_unstructured"
     framework = "tensorflow"
-    defaults = {"target_sparsity": 0.5, "epochs": 3, "learning_rate": 5e-4, "batch_size": 32}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
@@ -38,6 +37,8 @@ class Technique(BaseOptimization):
                       "original; the gain shows in compressed_size_bytes (gzip -9) or a sparse runtime",
         )
         return technique_result(self.name, config, pruned, deploy, details,
-                                preparation=model.preparation)
+                                preparation=model.preparation).record(
+            precision="fp32", sparsity=details.pop("sparsity"), epochs=details.pop("epochs"),
+            compressed_size_bytes=details.pop("compressed_size_bytes"))
 
 
