@@ -121,17 +121,18 @@ def keras_major_version(path: Path) -> int:
                 if "metadata.json" in archive.namelist():
                     info = archive.getinfo("metadata.json")
                     if info.file_size <= MAX_CONFIG_BYTES:
-                        version = str(json.loads(archive.read(info)).get("keras_version", ""))
+                        metadata = json.loads(archive.read(info))
+                        version = str(metadata.get("keras_version", "") if isinstance(metadata, dict) else "")
         else:
             import h5py
 
             with h5py.File(path, "r") as h5:
                 raw = h5.attrs.get("keras_version", b"")
                 version = raw.decode() if isinstance(raw, bytes) else str(raw)
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError, AttributeError):
-        return 2
+    except (OSError, zipfile.BadZipFile, ValueError, RecursionError, AttributeError):
+        return 2  # unreadable metadata: decoding errors are ValueErrors; the config check decides
     major = version.split(".")[0]
-    return int(major) if major.isdigit() else 2
+    return int(major) if major.isdigit() and len(major) <= 3 else 2
 
 
 def check_keras_config(config: dict) -> None:
