@@ -74,7 +74,7 @@ def main() -> None:
                         file_format)
             label = f"{name} ({family}) {args.side}x{args.side}, {file_format}"
             result = bench_model("pytorch", label, path, preset, dataset_name, preprocessing,
-                                 work_dir / f"{name}-{file_format}", targets(1.3), options)
+                                 work_dir / f"{name}-{file_format}", targets(1.3), technique_options=options)
             result.update(architecture=name, family=family, format=file_format, side=args.side,
                           pretrain_epochs=args.pretrain_epochs, pretrain_s=round(trained_s, 1))
             results.append(result)

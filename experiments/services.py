@@ -222,6 +222,10 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
             from optimization.safety.keras_check import check_keras_file
 
             check_keras_file(path)
+        elif suffix == ".zip" and kind == "model":
+            from optimization.safety.savedmodel_check import inspect_savedmodel_zip
+
+            options.update(inspect_savedmodel_zip(path))  # e.g. post_training_only: why
     except (UnsafeModelError, InvalidInputError) as exc:
         raise ServiceError(str(exc).replace(path.name, original_name), field="file") from None
 

@@ -53,11 +53,16 @@ class LoadedModel:
     source_path: Path | None = None
     source_format: str = ""  # "pt2", "pt", "pth", "onnx", "keras", "h5", "savedmodel"
     architecture: str | None = None
-    # Only the post-training techniques accept a model the engine cannot train (ONNX).
+    # Only the post-training techniques accept a model the engine cannot train (ONNX, a
+    # SavedModel without Keras metadata); `not_trainable_reason` says why, for the skipped runs.
     trainable: bool = True
+    not_trainable_reason: str = ""
     # What loading did to make the model usable (e.g. a fixed-batch export generalised to any
     # batch); techniques copy it into their details.
     preparation: dict = field(default_factory=dict)
+    # The model as uploaded when `module` is a converted copy of it (Keras 3 -> tf_keras),
+    # until the backend's `verify_conversion` has compared the two on the calibration samples.
+    source_module: Any = None
 
 
 @dataclass

@@ -329,6 +329,10 @@ TECHNIQUE_LIST = (
             _epochs({"pytorch": 1, "tensorflow": 2}),
             _learning_rate(1e-4),
             BATCH_SIZE,
+            Option("weight_granularity", "choice", "per_tensor",
+                   "INT8 weight scales: per tensor (as small as ptq_int8's per-tensor file; "
+                   "fine-tuning recovers the accuracy) or per output channel",
+                   choices=("per_tensor", "per_channel"), frameworks=("tensorflow",)),
         )),
     Technique(
         "hybrid", "Hybrid (prune + quantize)",

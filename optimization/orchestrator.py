@@ -273,6 +273,8 @@ def _run(spec: ExperimentSpec, sink: ExperimentSink) -> str:
             f"the model expects inputs of shape {list(model.input_shape)} but the dataset "
             f"'{spec.dataset_name}' gives {list(dataset.input_shape)}; pick a matching dataset or "
             f"set preprocessing (resize, channels) in the experiment's config")
+    if model.source_module is not None:  # a converted model must compute what the upload does
+        backend.verify_conversion(model, dataset.x_calib)
 
     techniques = {name: get_technique(spec.framework, name) for name in todo}
     model_info = {"train_samples": len(dataset.x_train), "calib_samples": len(dataset.x_calib)}
@@ -363,9 +365,8 @@ def _run_technique(technique, model, config, dataset, tracker, backend, baseline
         tracker(0.0, f"{technique.name}: starting")
         if not model.trainable and not technique.post_training:
             raise TechniqueNotApplicable(
-                f"{technique.name} fine-tunes the model, which needs a trainable upload "
-                f"(.pt2, .pt or .pth), not .{model.source_format}"
-                + (f"; training is {model.preparation['training']}" if "training" in model.preparation else ""))
+                f"{technique.name} fine-tunes the model: " + (model.not_trainable_reason or
+                f"it needs a trainable upload (.pt2, .pt or .pth), not .{model.source_format}"))
         result = technique.optimize(model, config, dataset, tracker)
         tracker(1.0, f"{technique.name}: measuring the result")
         deploy = Path(result.artifacts["deploy"])

@@ -140,7 +140,9 @@ def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -
     if module is None:
         preparation["training"] = f"not possible: {conversion['reason']}"
     return LoadedModel("pytorch", module if module is not None else str(path), shape, classes, path, "onnx",
-                       trainable=module is not None, preparation=preparation)
+                       trainable=module is not None, preparation=preparation,
+                       not_trainable_reason="" if module is not None else
+                       f"this ONNX file has no trainable PyTorch form ({conversion['reason']})")
 
 
 def write_onnx_upload(source: Path, path: Path) -> Path:

@@ -3,7 +3,10 @@ and the work every TensorFlow technique shares (fit with progress, conversion, c
 
 tfmot needs the Keras 2 implementation (tf_keras): `prepare_worker_process()` sets
 `TF_USE_LEGACY_KERAS` before TensorFlow is imported, so `keras` below is tf_keras everywhere in
-the engine; importing this module without it is refused.
+the engine; importing this module without it is refused. A Keras 3 file (what TensorFlow
+2.21's own tf.keras saves) is loaded by Keras 3 and converted to tf_keras
+(`keras3_convert.py`); a SavedModel without Keras metadata is kept as its serving function
+(`ServingFunction`), which only the post-training techniques use.
 Deploy artifacts run in LiteRT (`ai_edge_litert`), one thread, so latencies compare.
 """
 from __future__ import annotations
@@ -34,8 +37,8 @@ from optimization.base import (
 from optimization.atomic import atomic_output
 from optimization.evaluator import steady_latency_ms
 from optimization.safety.archives import safe_extract_zip
-from optimization.safety.keras_check import check_keras_file
-from optimization.safety.savedmodel_check import check_savedmodel_dir
+from optimization.safety.keras_check import check_keras_file, keras_major_version
+from optimization.safety.savedmodel_check import NO_KERAS_METADATA, check_savedmodel_dir
 
 # Latency is measured single-threaded: it is the most stable number on a shared host and the
 # device estimator scales it to the target's thread count.
@@ -56,6 +59,10 @@ SECONDS_PER_CONVERSION_LAYER = 0.22  # ...and per layer
 # keras.applications use BatchNorm momentum 0.999: after a few hundred steps from scratch the
 # running statistics are still mostly their initial values and inference is near chance.
 SHORT_TRAINING_BN_MOMENTUM = 0.9
+# a Keras 3 model converted to tf_keras must give the same outputs to this bound, on up to
+# CONVERSION_CHECK_SAMPLES calibration samples
+CONVERSION_TOLERANCE = 1e-4
+CONVERSION_CHECK_SAMPLES = 64
 
 
 # ----------------------------------------------------------------------------- loading
@@ -72,10 +79,14 @@ class TensorFlowBackend:
         shape comes from the model's Input (NHWC, without batch)."""
         path = Path(path)
         suffix = path.suffix.lower()
+        source_module, preparation = None, {}
         if suffix in (".keras", ".h5"):
             check_keras_file(path)
-            module = keras.models.load_model(path, compile=False, **(
-                {"safe_mode": True} if suffix == ".keras" else {}))
+            if keras_major_version(path) >= 3:
+                source_module, module, preparation = _load_keras3(path)
+            else:
+                module = keras.models.load_model(path, compile=False, **(
+                    {"safe_mode": True} if suffix == ".keras" else {}))
             source_format = suffix[1:]
         elif suffix == ".zip":
             module = _load_savedmodel_zip(path)
@@ -83,6 +94,7 @@ class TensorFlowBackend:
         else:
             raise InvalidInputError(
                 f"{path.name}: TensorFlow models are accepted as .keras, .h5 or a SavedModel .zip")
+        trainable = not isinstance(module, ServingFunction)
         model_shape = tuple(int(d) for d in module.input_shape[1:] if d is not None)
         if len(model_shape) != len(module.input_shape) - 1:
             if input_shape is None:
@@ -98,7 +110,31 @@ class TensorFlowBackend:
             source_path=path,
             source_format=source_format,
             architecture=architecture,
+            trainable=trainable,
+            not_trainable_reason="" if trainable else NO_KERAS_METADATA,
+            preparation=preparation,
+            source_module=source_module,
         )
+
+    def verify_conversion(self, model: LoadedModel, calibration_x) -> None:
+        """Compare the converted tf_keras model with the Keras 3 model it came from on the
+        calibration samples; refuse the model when they differ by more than
+        CONVERSION_TOLERANCE, else record the difference in `model.preparation`."""
+        from optimization.backends.keras3_convert import max_output_difference
+
+        samples = np.asarray(calibration_x, dtype=np.float32)[:CONVERSION_CHECK_SAMPLES]
+        difference = max_output_difference(model.source_module, model.module, samples)
+        if not difference <= CONVERSION_TOLERANCE:
+            raise InvalidInputError(
+                f"the Keras 3 model, converted to tf_keras for the TensorFlow techniques, gives "
+                f"outputs up to {difference:.2g} away from the original on {len(samples)} "
+                f"calibration samples (allowed: {CONVERSION_TOLERANCE:g}); save the model with "
+                "tf_keras (TF_USE_LEGACY_KERAS=1) and upload that file")
+        model.preparation["conversion"] = (
+            f"converted from Keras 3 to tf_keras; max abs diff {difference:.1g} on "
+            f"{len(samples)} calibration samples")
+        model.preparation["max_abs_difference"] = difference
+        model.source_module = None  # checked: the Keras 3 copy is not needed any more
 
     def export_deploy(self, model: LoadedModel, path: Path) -> Path:
         """FP32 `.tflite`, the baseline every technique is compared with."""
@@ -140,6 +176,50 @@ class TensorFlowBackend:
         return save_keras(model, path)
 
 
+def _load_keras3(path: Path):
+    """(the Keras 3 model, its tf_keras conversion, what the conversion did). Keras 3 is
+    `import keras` even with TF_USE_LEGACY_KERAS set; safe_mode refuses code in `.keras`, and
+    `check_keras_file` has refused it in both formats already."""
+    import keras as keras3
+
+    from optimization.backends.keras3_convert import to_tf_keras
+
+    source = keras3.saving.load_model(path, compile=False, safe_mode=True)
+    converted, dropped = to_tf_keras(source)
+    preparation = {"converted_from": f"Keras {keras3.__version__}"}
+    if dropped:
+        preparation["keras3_settings_without_tf_keras_equivalent"] = dropped
+    return source, converted, preparation
+
+
+class ServingFunction:
+    """A SavedModel without Keras metadata (Keras 3 `model.export()`, `tf.saved_model.save`):
+    its `serving_default` signature, with one input and one output. The converter reads it
+    directly; nothing can train it."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        if "serving_default" not in loaded.signatures:
+            raise InvalidInputError("the SavedModel has no serving_default signature; export it "
+                                    "with model.export('dir') or tf.saved_model.save(..., signatures=...)")
+        self.function = loaded.signatures["serving_default"]
+        inputs = self.function.structured_input_signature[1]
+        outputs = self.function.structured_outputs
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise InvalidInputError(
+                f"the SavedModel's serving signature takes {len(inputs)} inputs and gives "
+                f"{len(outputs)} outputs; EdgeOpt handles one of each")
+        self.input_shape = tuple(next(iter(inputs.values())).shape)
+        self.output_shape = tuple(next(iter(outputs.values())).shape)
+
+    def save(self, path: Path) -> Path:
+        """The SavedModel again, zipped (the native artifact of a post-training result)."""
+        with tempfile.TemporaryDirectory() as directory:
+            tf.saved_model.save(self.loaded, directory, signatures={"serving_default": self.function})
+            archive = shutil.make_archive(str(Path(path).with_suffix("")), "zip", directory)
+        return Path(archive)
+
+
 def _load_savedmodel_zip(path: Path):
     extract_dir = Path(tempfile.mkdtemp(prefix="savedmodel_", dir=path.parent))
     try:
@@ -147,9 +227,7 @@ def _load_savedmodel_zip(path: Path):
         model_dir = _savedmodel_root(extract_dir)
         check_savedmodel_dir(model_dir)
         if not (model_dir / "keras_metadata.pb").is_file():
-            raise InvalidInputError(
-                "This SavedModel has no Keras metadata, so it cannot be fine-tuned; save it "
-                "from Keras with model.save('dir') (or upload a .keras file).")
+            return ServingFunction(tf.saved_model.load(str(model_dir)))
         return keras.models.load_model(model_dir, compile=False)
     finally:
         shutil.rmtree(extract_dir, ignore_errors=True)
@@ -171,8 +249,11 @@ def _savedmodel_root(extract_dir: Path) -> Path:
 
 
 def save_keras(model, path: Path) -> Path:
+    """`.keras`; a ServingFunction saves as a zipped SavedModel next to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, ServingFunction):
+        return model.save(path.with_suffix(".zip"))
     with atomic_output(path) as partial:
         model.save(partial)
     return path
@@ -194,9 +275,13 @@ def convert_to_tflite(model, path: Path, calibration_x: np.ndarray | None = None
     def infer(*inputs):
         return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
-    signature = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [tf.function(infer, autograph=False).get_concrete_function(*signature)], model)
+    if isinstance(model, ServingFunction):
+        function, trackable = model.function, model.loaded
+    else:
+        signature = [tf.TensorSpec(tensor.shape, tensor.dtype) for tensor in model.inputs]
+        function = tf.function(infer, autograph=False).get_concrete_function(*signature)
+        trackable = model
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], trackable)
     if calibration_x is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative_dataset(calibration_x)
@@ -247,11 +332,17 @@ def write_bytes(content: bytes, path: Path) -> Path:
 
 
 def technique_result(name: str, config: TechniqueConfig, model, deploy_path: Path,
-                     details: dict, counted_model=None) -> OptimizedResult:
+                     details: dict, counted_model=None, preparation: dict | None = None
+                     ) -> OptimizedResult:
     """Save the native `.keras` next to the deploy file and count the optimized model
-    (`counted_model`: the same network without tfmot's quantizer variables, when given)."""
+    (`counted_model`: the same network without tfmot's quantizer variables, when given).
+    `preparation` (what loading did, e.g. the Keras 3 conversion) goes into the details."""
+    if preparation:
+        details.setdefault("model_preparation", preparation)
     native = save_keras(model, Path(config.output_dir) / f"{name}.keras")
-    params, macs = count_params_macs(counted_model if counted_model is not None else model)
+    counted = counted_model if counted_model is not None else model
+    # a serving function has no layers to count: the orchestrator counts the deploy file
+    params, macs = (None, None) if isinstance(counted, ServingFunction) else count_params_macs(counted)
     return OptimizedResult(artifacts={"deploy": Path(deploy_path), "native": native},
                            details=details, model=model, params=params, macs=macs)
 
@@ -394,9 +485,11 @@ def pointwise_convs_as_fully_connected(content: bytes) -> tuple[bytes, int]:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), rewritten
 
 
-def xnnpack_partitions(deploy_path: Path) -> tuple[int, dict[str, int]]:
-    """How many subgraphs LiteRT's default XNNPACK delegate takes in the file (1: the whole
-    graph, when nothing is left out) and the ops it leaves to the built-in kernels, by type."""
+def xnnpack_partitions(deploy_path: Path) -> dict:
+    """{"partitions": how many subgraphs LiteRT's default XNNPACK delegate takes in the file
+    (1: the whole graph, when nothing is left out), "ops_left_to_builtin_kernels": the ops it
+    leaves to the built-in kernels, by type}. Reads the interpreter's private op list: a
+    diagnostic, run through `_common.diagnostic` so it cannot fail a technique."""
     interpreter = Interpreter(model_path=str(deploy_path), num_threads=LITERT_THREADS)
     interpreter.allocate_tensors()
     ops = interpreter._get_ops_details()
@@ -415,7 +508,7 @@ def xnnpack_partitions(deploy_path: Path) -> tuple[int, dict[str, int]]:
             frontier += [int(t) for t in ops[producer[tensor]]["inputs"] if t >= 0]
     left = Counter(op["op_name"] for op in ops
                    if op["op_name"] != "DELEGATE" and op["index"] not in covered)
-    return len(delegates), dict(left)
+    return {"partitions": len(delegates), "ops_left_to_builtin_kernels": dict(left)}
 
 
 # ----------------------------------------------------------------------------- training

@@ -3,6 +3,12 @@
 tf_keras ignores `safe_mode` for `.h5`, and a Lambda layer stores Python bytecode that the
 loader executes. So we read the model's config ourselves (the `.keras` zip's `config.json`,
 the `.h5` attribute `model_config`) and accept only known Keras classes from Keras modules.
+Both schemas pass: tf_keras (Keras 2) and Keras 3 (`module` / `registered_name` on each
+class, `batch_shape`, functional call arguments as `__keras_tensor__` specs, `keras.ops`
+arithmetic nodes). A Keras 3 model must also be convertible to tf_keras, which every
+TensorFlow technique runs on (`backends/keras3_convert.py`): its activations and ops must be
+ones the converter knows (`KERAS3_ACTIVATIONS`, `KERAS3_OPS`), else it is refused here with
+what to change.
 Imports only the standard library and h5py: the web process calls this on upload.
 """
 from __future__ import annotations
@@ -55,6 +61,8 @@ ALLOWED_HELPERS = frozenset({
     # dtype policies and containers for plain values (tensor specs in SavedModel metadata)
     "Policy", "DTypePolicy", "__tuple__", "TypeSpec", "TensorShape",
     "InputSpec",
+    # Keras 3: mixed-precision policy, and a functional layer's input (a reference by name)
+    "FloatDTypePolicy", "__keras_tensor__",
 })
 ALLOWED_MODULE_PREFIXES = ("keras", "tf_keras")
 # Code-carrying layers, refused with a reason the user can act on.
@@ -68,11 +76,26 @@ CODE_LAYERS = {
 SAFE_TF_OP_PREFIXES = ("__operators__.", "math.", "nn.", "clip_by_value", "reshape",
                        "concat", "transpose", "compat.v1.transpose", "image.resize")
 MAX_CONFIG_BYTES = 50 * 1024 * 1024
+# Keras 3 activations the tf_keras conversion reproduces (same name in tf_keras, or Keras 3's
+# definition re-implemented there)
+KERAS3_ACTIVATIONS = frozenset({
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "sigmoid", "hard_sigmoid",
+    "silu", "swish", "hard_silu", "hard_swish", "mish", "tanh", "softplus", "softsign",
+    "exponential", "softmax", "log_softmax",
+})
+# keras.ops arithmetic recorded as graph nodes (module keras.src.ops.*) that the conversion
+# turns into tf_keras layers (Rescaling for a constant operand, Add/Subtract/Multiply for two
+# tensors)
+KERAS3_OPS = frozenset({"Add", "Subtract", "Multiply", "Divide", "TrueDivide"})
+# a model's training setup is not loaded (compile=False): its optimizer ("Custom>Adam" in a
+# compiled tf_keras SavedModel), losses and metrics are not checked
+TRAINING_KEYS = frozenset({"compile_config", "training_config"})
 
 
 def check_keras_file(path: Path) -> dict:
     """Raise UnsafeModelError/InvalidInputError unless every class in the model's config is
-    an allowlisted Keras class; return the parsed config."""
+    an allowlisted Keras class (and, for Keras 3, one the tf_keras conversion handles);
+    return the parsed config."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".keras":
@@ -82,13 +105,40 @@ def check_keras_file(path: Path) -> dict:
     else:
         raise InvalidInputError(f"{path.name}: expected a .keras or .h5 file")
     check_keras_config(config)
+    if keras_major_version(path) >= 3:
+        check_keras3_convertible(config, path.name)
     return config
+
+
+def keras_major_version(path: Path) -> int:
+    """The major version of the Keras that saved the file (2: tf_keras, 3: Keras 3), from the
+    `.keras` zip's metadata.json or the `.h5` attribute keras_version; 2 when unrecorded."""
+    path = Path(path)
+    version = ""
+    try:
+        if path.suffix.lower() == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                if "metadata.json" in archive.namelist():
+                    info = archive.getinfo("metadata.json")
+                    if info.file_size <= MAX_CONFIG_BYTES:
+                        metadata = json.loads(archive.read(info))
+                        version = str(metadata.get("keras_version", "") if isinstance(metadata, dict) else "")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                raw = h5.attrs.get("keras_version", b"")
+                version = raw.decode() if isinstance(raw, bytes) else str(raw)
+    except (OSError, zipfile.BadZipFile, ValueError, RecursionError, AttributeError):
+        return 2  # unreadable metadata: decoding errors are ValueErrors; the config check decides
+    major = version.split(".")[0]
+    return int(major) if major.isdigit() and len(major) <= 3 else 2
 
 
 def check_keras_config(config: dict) -> None:
     """Walk the whole config tree (nested models included) and check every class spec.
-    The training setup (`compile_config`) is skipped: the engine loads with compile=False."""
-    stack = [{key: value for key, value in config.items() if key != "compile_config"}]
+    The training setup (`TRAINING_KEYS`) is skipped: the engine loads with compile=False."""
+    stack = [{key: value for key, value in config.items() if key not in TRAINING_KEYS}]
     while stack:
         node = stack.pop()
         if isinstance(node, list):
@@ -96,7 +146,45 @@ def check_keras_config(config: dict) -> None:
         elif isinstance(node, dict):
             if "class_name" in node:
                 _check_class_spec(node)
-            stack.extend(node.values())
+            stack.extend(value for key, value in node.items() if key not in TRAINING_KEYS)
+
+
+def check_keras3_convertible(config: dict, filename: str) -> None:
+    """Raise InvalidInputError for what the Keras 3 -> tf_keras conversion cannot rebuild:
+    activations and `keras.ops` nodes it does not know, and constants passed positionally to
+    a layer (how Keras 3's .h5 format records `x + 3.0`; Keras 3 itself cannot load that)."""
+    advice = ("EdgeOpt runs TensorFlow techniques on tf_keras, so a Keras 3 model is converted "
+              "layer by layer. Use built-in Keras layers and activations, or save the model with "
+              "tf_keras, and upload it again.")
+    stack = [config.get("config", config)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        name = node.get("class_name")
+        is_op = str(node.get("module") or "").startswith("keras.src.ops")
+        if is_op and name not in KERAS3_OPS:
+            raise InvalidInputError(
+                f"{filename}: the model applies keras.ops {name} ('{_layer_name(node)}') directly, "
+                f"which has no tf_keras layer. {advice}")
+        layer_config = node.get("config")
+        if name and isinstance(layer_config, dict):
+            activation = layer_config.get("activation")
+            if isinstance(activation, str) and activation not in KERAS3_ACTIVATIONS:
+                raise InvalidInputError(
+                    f"{filename}: layer '{_layer_name(node)}' uses the activation {activation!r}, "
+                    f"which tf_keras does not have. {advice}")
+        for inbound in [] if is_op else node.get("inbound_nodes") or []:
+            arguments = inbound.get("args", []) if isinstance(inbound, dict) else []
+            if any(isinstance(value, (int, float)) for value in arguments):
+                raise InvalidInputError(
+                    f"{filename}: layer '{_layer_name(node)}' is called with a constant, how "
+                    "Keras 3's .h5 format records keras.ops arithmetic such as `x + 3.0`; even "
+                    "Keras 3 cannot load that back. Save the model as .keras and upload that.")
+        stack.extend(value for key, value in node.items() if key not in TRAINING_KEYS)
 
 
 def _check_class_spec(spec: dict) -> None:
@@ -110,7 +198,8 @@ def _check_class_spec(spec: dict) -> None:
         )
     if name in CODE_LAYERS:
         return
-    if name not in ALLOWED_LAYERS and name not in ALLOWED_HELPERS:
+    keras3_op = name in KERAS3_OPS and str(module or "").startswith("keras.src.ops")
+    if name not in ALLOWED_LAYERS and name not in ALLOWED_HELPERS and not keras3_op:
         raise UnsafeModelError(
             f"Refused: class {name!r} (layer {_layer_name(spec)!r}) is not a built-in Keras "
             "class we can load without running its code. Custom layers, activations and "

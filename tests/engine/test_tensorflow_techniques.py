@@ -126,7 +126,7 @@ def test_ptq_int4_default_runs_in_one_xnnpack_partition_with_4_bit_dense_weights
     deploy = result.artifacts["deploy"]
     assert result.details["scheme"] == "w4a8"
     assert result.details["activations"].startswith("int8, calibrated on")
-    assert xnnpack_partitions(deploy) == (1, {})  # nothing left to the built-in kernels
+    assert xnnpack_partitions(deploy) == {"partitions": 1, "ops_left_to_builtin_kernels": {}}  # nothing left to the built-in kernels
     assert result.details["xnnpack"] == {"partitions": 1, "ops_left_to_builtin_kernels": {}}
     biggest_dense = max((w for w in tflite_weights(deploy) if w["op"] == "FULLY_CONNECTED"),
                         key=lambda w: w["data"].size)
@@ -312,10 +312,21 @@ def test_ptq_int8_runs_on_keras_applications_mobilenet_v2(tmp_path, mobilenet):
 
 
 def test_channel_surgery_on_mobilenet_v2_keeps_residual_channels_whole(mobilenet):
-    from optimization.techniques.tensorflow.prune_structured import shrink_channels
+    from optimization.techniques.tensorflow._common import shrink_channels
 
     model = mobilenet.module
     narrowed, surgery = shrink_channels(model, 0.5, copy_weights=True)
     assert any("merges" in kept["why"] for kept in surgery["kept_whole"])
     assert narrowed.count_params() < model.count_params()
     assert narrowed.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
+
+
+def test_magnitude_pruning_leaves_the_uploaded_model_untouched(runs, demo):
+    model, _ = demo
+
+    result, _ = runs("prune_unstructured")
+
+    assert result.details["sparsity"] > 0.3
+    as_uploaded = BACKEND.load(model.source_path).module.get_weights()
+    for kept, now in zip(as_uploaded, model.module.get_weights()):  # tfmot pruned it in place before
+        np.testing.assert_array_equal(kept, now)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow.prune_structured import channels_kept, shrink_channels
+from optimization.techniques.tensorflow._common import channels_kept, fresh_student, make_distiller
 
 
 class Technique(BaseOptimization):
@@ -16,7 +16,7 @@ class Technique(BaseOptimization):
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
-        from optimization.techniques.tensorflow.prune_structured import narrowed_step_cost
+        from optimization.techniques.tensorflow._common import narrowed_step_cost
 
         options = self.options(config)
         # distilled run (student + teacher forward) and the student alone
@@ -60,56 +60,8 @@ class Technique(BaseOptimization):
             "accuracy_note": "Keras accuracies on the test split; the deployed number is re-measured",
             **surgery,
         }
-        return technique_result(self.name, config, student, deploy, details).record(
+        return technique_result(self.name, config, student, deploy, details,
+                                preparation=model.preparation).record(
             precision="fp32", channels_kept=channels_kept(surgery), epochs=2 * epochs)
 
 
-def fresh_student(teacher, width: float, seed: int):
-    """The teacher narrowed to `width`, freshly initialized; trained from scratch on a short
-    budget, so its BatchNorm statistics must follow the batches faster."""
-    from optimization.backends.tensorflow import follow_batchnorm_faster, keras
-
-    keras.utils.set_random_seed(seed)
-    student, surgery = shrink_channels(teacher, width, copy_weights=False)
-    return follow_batchnorm_faster(student), surgery
-
-
-def make_distiller(student, teacher, temperature: float, alpha: float):
-    """A Keras model whose train_step mixes the KL divergence to the teacher's softened outputs
-    (scaled by T^2, as in Hinton et al.) with cross-entropy on the labels."""
-    from optimization.backends.tensorflow import keras, outputs_probabilities, tf
-
-    def logits(model, outputs):
-        return tf.math.log(tf.clip_by_value(outputs, 1e-8, 1.0)) if outputs_probabilities(model) \
-            else outputs
-
-    class Distiller(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.student, self.teacher = student, teacher
-            self.loss_tracker = keras.metrics.Mean(name="loss")
-            self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-
-        @property
-        def metrics(self):
-            return [self.loss_tracker, self.accuracy]
-
-        def call(self, x, training=False):
-            return self.student(x, training=training)
-
-        def train_step(self, data):
-            x, y = data
-            soft_targets = tf.nn.softmax(logits(teacher, self.teacher(x, training=False)) / temperature)
-            with tf.GradientTape() as tape:
-                student_logits = logits(student, self.student(x, training=True))
-                soft = keras.losses.kl_divergence(
-                    soft_targets, tf.nn.softmax(student_logits / temperature)) * temperature ** 2
-                hard = keras.losses.sparse_categorical_crossentropy(y, student_logits, from_logits=True)
-                loss = tf.reduce_mean(alpha * soft + (1 - alpha) * hard)
-            variables = self.student.trainable_variables
-            self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            self.loss_tracker.update_state(loss)
-            self.accuracy.update_state(y, student_logits)
-            return {metric.name: metric.result() for metric in self.metrics}
-
-    return Distiller()

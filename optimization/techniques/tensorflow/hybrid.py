@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow.prune_structured import prune_filters_finetuned
-from optimization.techniques.tensorflow.prune_unstructured import prune_magnitude_finetuned
-from optimization.techniques.tensorflow.qat import quantize_aware
+from optimization.techniques.tensorflow._common import (
+    PRUNING_SETUP, QAT_CONVERSION, QAT_SETUP, narrowed_step_cost, prune_filters_finetuned,
+    prune_magnitude_finetuned, quantize_aware)
 
 
 class Technique(BaseOptimization):
@@ -37,9 +37,6 @@ class Technique(BaseOptimization):
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
-        from optimization.techniques.tensorflow.prune_structured import narrowed_step_cost
-        from optimization.techniques.tensorflow.prune_unstructured import PRUNING_SETUP
-        from optimization.techniques.tensorflow.qat import QAT_CONVERSION, QAT_SETUP
 
         options = self.options(config)
         keep, structured = 1.0, 0.0
@@ -96,7 +93,7 @@ class Technique(BaseOptimization):
         epochs = int(options["epochs"]) + int(options["qat_epochs"]) + (
             int(options["structured_epochs"]) if options["structured_first"] else 0)
         return technique_result(self.name, config, quantized, deploy, details,
-                                counted_model=current).record(
+                                counted_model=current, preparation=model.preparation).record(
             precision="int8", sparsity=round(tflite_int8_weight_sparsity(deploy), 4),
             channels_kept=details["structured"]["channels_kept"] if options["structured_first"] else 1.0,
             epochs=epochs, calibration_samples=len(dataset.x_calib),

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
+from optimization.techniques.tensorflow._common import diagnostic
 
 # w4a8: static (calibrated int8 activations), its pointwise convolutions rewritten as
 # FULLY_CONNECTED, small ones kept 8-bit (see quantize_w4a8); the others: weight-only, dynamic
@@ -112,11 +113,11 @@ class Technique(BaseOptimization):
                                  for layer in layers if layer["weight_bits"] > 4]
         # ops XNNPACK does not take run on LiteRT's slow built-in kernels: the reason a
         # 4-bit file can be slower than FP32
-        partitions, left_out = xnnpack_partitions(deploy)
-        details["xnnpack"] = {"partitions": partitions, "ops_left_to_builtin_kernels": left_out}
+        details["xnnpack"] = diagnostic(xnnpack_partitions, deploy)
         details["native_note"] = ("the .keras file is the unchanged FP32 model; INT4 lives in "
                                   "the .tflite")
-        return technique_result(self.name, config, model.module, deploy, details).record(
+        return technique_result(self.name, config, model.module, deploy, details,
+                                preparation=model.preparation).record(
             precision="int4").record_weight_bits()
 
 

@@ -83,5 +83,6 @@ class Technique(BaseOptimization):
             "io": "float32 input and output (quantized inside), a drop-in for the FP32 file",
             "native_note": "the .keras file is the unchanged FP32 model; INT8 lives in the .tflite",
         }
-        return technique_result(self.name, config, model.module, deploy, details).record(
+        return technique_result(self.name, config, model.module, deploy, details,
+                                preparation=model.preparation).record(
             precision="int8", calibration_samples=len(calibration_x)).record_weight_bits()

@@ -1,0 +1,305 @@
+"""All seven TensorFlow techniques on models the project did not write, in the files today's
+Keras saves by default: Keras 3 `keras.applications` MobileNetV3Small and EfficientNetB0 and a
+hand-written Keras 3 functional CNN (BatchNorm, depthwise, residual Add, squeeze-excite gating
+written with `keras.ops` arithmetic, global pooling, Dropout), at 32x32, saved as `.keras`,
+`.h5` and Keras 3 `model.export()` SavedModel zips.
+
+Each model is trained briefly on generated data (noisy copies of one coarse random image per
+class), saved, and run through the real `optimization.orchestrator` with a recording sink, as
+the worker would run it. Every deploy file is then re-evaluated outside the engine (LiteRT's
+interpreter on the test split). Results go to bench/results/corpus_tensorflow.json and the
+"TensorFlow corpus" section of BENCHMARKS.md.
+
+The model builders and savers are also the test corpus (tests/engine/test_tensorflow_keras3.py).
+
+Run: `nice -n 10 python bench/corpus_tensorflow.py [--epochs N] [--models a,b] [--work-dir D]`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from optimization.worker import prepare_worker_process  # noqa: E402
+
+WORKER = prepare_worker_process()  # as the worker does, before TensorFlow loads
+
+from optimization.backends import tensorflow as backend  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "corpus_tensorflow.json"
+INPUT_SHAPE = (32, 32, 3)
+CLASSES = 10
+SHORT_TRAINING_BN_MOMENTUM = 0.9
+
+
+def prototype_dataset(shape=INPUT_SHAPE, n: int = 720, classes: int = CLASSES, seed: int = 0):
+    """Noisy copies of one coarse (4x4-block) random image per class, in [0, 1]: learnable
+    in a few epochs, even by a network that downsamples early."""
+    rng = np.random.default_rng(seed)
+    height, width, channels = shape
+    coarse = rng.random((classes, 4, 4, channels)).astype(np.float32)
+    prototypes = coarse.repeat(height // 4, axis=1).repeat(width // 4, axis=2)
+    y = rng.integers(0, classes, n)
+    x = np.clip(prototypes[y] + rng.normal(0, 0.15, (n, *shape)), 0, 1).astype(np.float32)
+    return x, y
+
+
+def npz_bytes(x, y, test_fraction: float = 1 / 6) -> bytes:
+    split = int(len(x) * (1 - test_fraction))
+    buffer = io.BytesIO()
+    np.savez(buffer, x_train=x[:split], y_train=y[:split], x_test=x[split:], y_test=y[split:])
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- Keras 3 models
+
+
+def functional_cnn(shape=INPUT_SHAPE, classes: int = CLASSES, keras_ops: bool = True):
+    """A hand-written Keras 3 functional CNN. With `keras_ops`, its squeeze-excite gate is
+    written as `relu6(x + 3) * (1 / 6)` on tensors (keras.ops nodes in the saved graph, as in
+    MobileNetV3); without, as a hard_sigmoid Activation (Keras 3's .h5 cannot store ops)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = layers.BatchNormalization(momentum=SHORT_TRAINING_BN_MOMENTUM)(x)
+    x = layers.Activation("hard_silu")(x)
+    shortcut = x
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=SHORT_TRAINING_BN_MOMENTUM)(x)
+    x = layers.ReLU()(x)
+    gate = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    gate = layers.Conv2D(8, 1, activation="relu")(gate)
+    gate = layers.Conv2D(16, 1)(gate)
+    if keras_ops:
+        gate = layers.ReLU(6.0)(gate + 3.0) * (1.0 / 6.0)
+    else:
+        gate = layers.Activation("hard_sigmoid")(gate)
+    x = layers.Multiply()([x, gate])
+    x = layers.Conv2D(16, 1, use_bias=False)(x)
+    x = layers.BatchNormalization(momentum=SHORT_TRAINING_BN_MOMENTUM)(x)
+    x = layers.Add()([x, shortcut])
+    x = layers.Conv2D(32, 3, strides=2, padding="same", activation="silu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.1)(x)
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="handwritten_cnn")
+
+
+def keras_application(name: str, shape=INPUT_SHAPE, classes: int = CLASSES):
+    """A Keras 3 keras.applications model, random weights, its BatchNorm made to follow a
+    short training (the applications' 0.999 momentum leaves the statistics at their start)."""
+    import keras
+
+    if name == "mobilenet_v3_small":
+        model = keras.applications.MobileNetV3Small(input_shape=shape, weights=None, classes=classes,
+                                                    include_preprocessing=False)
+    elif name == "efficientnet_b0":
+        model = keras.applications.EfficientNetB0(input_shape=shape, weights=None, classes=classes)
+    else:
+        raise ValueError(name)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = SHORT_TRAINING_BN_MOMENTUM
+    return model
+
+
+def train(model, x, y, epochs: int, learning_rate: float = 3e-3, seed: int = 0):
+    """Train a Keras 3 (or tf_keras) model on sparse labels, compiled with Adam: a compiled
+    model is what users save."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    optimizers = (backend.keras if type(model).__module__.startswith("tf_keras") else keras).optimizers
+    model.compile(optimizer=optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def save(model, file_format: str, folder: Path, stem: str) -> Path:
+    """`keras` / `h5`: model.save; `export`: Keras 3 model.export() zipped; `savedmodel`: a
+    tf_keras model.save(dir) zipped (with its Keras metadata and training config)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if file_format in ("keras", "h5"):
+        path = folder / f"{stem}.{file_format}"
+        model.save(path)
+        return path
+    directory = folder / f"{stem}_savedmodel"
+    if file_format == "export":
+        model.export(str(directory), verbose=False)
+    elif file_format == "savedmodel":
+        model.save(directory)
+    else:
+        raise ValueError(file_format)
+    path = folder / f"{stem}_{file_format}.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(directory.rglob("*")):
+            archive.write(file, file.relative_to(directory))
+    shutil.rmtree(directory)
+    return path
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class RecordingSink:
+    """The orchestrator's sink, keeping what the Django sink would write."""
+
+    def __init__(self):
+        self.runs, self.baseline_metrics, self.recommended = {}, None, None
+
+    def progress(self, state):
+        pass
+
+    def analysis(self, analysis):
+        pass
+
+    def baseline(self, metrics):
+        self.baseline_metrics = metrics
+
+    def run_started(self, technique):
+        pass
+
+    def run_finished(self, technique, run):
+        self.runs[technique] = run
+
+    def recommendation(self, rec):
+        self.recommended = rec
+
+    def should_stop(self):
+        return False
+
+    def completed_runs(self):
+        return {}
+
+
+def run_engine(model_path: Path, dataset_path: Path, output_dir: Path, techniques=None,
+               options: dict | None = None) -> RecordingSink:
+    """All (or the given) techniques through the real orchestrator, as the worker runs them."""
+    from optimization import orchestrator
+    from optimization.base import TECHNIQUES
+
+    spec = orchestrator.ExperimentSpec(
+        experiment_id=0, framework="tensorflow", model_path=Path(model_path),
+        dataset_path=Path(dataset_path), dataset_name="custom", target_device="rpi4",
+        goal="balanced", constraints={}, techniques=list(techniques or TECHNIQUES),
+        output_dir=Path(output_dir), config={"techniques": options or {}})
+    sink = RecordingSink()
+    orchestrator.run_experiment(spec, sink)
+    return sink
+
+
+def litert_accuracy(deploy_path: Path, x, y) -> float:
+    """Accuracy of a `.tflite` in LiteRT's interpreter, one sample at a time, outside the
+    engine (its own quantization of float input, if the file wants int8)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(deploy_path))
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    correct = 0
+    for sample, label in zip(x, y):
+        value = sample[None].astype(np.float32)
+        scale, zero_point = source["quantization"]
+        if source["dtype"] != np.float32 and scale:
+            value = np.round(value / scale + zero_point)
+        interpreter.set_tensor(source["index"], value.astype(source["dtype"]))
+        interpreter.invoke()
+        correct += int(np.argmax(interpreter.get_tensor(target["index"])[0]) == label)
+    return correct / len(y)
+
+
+CORPUS = {  # name -> (builder, training epochs, file formats)
+    "handwritten_cnn": (lambda: functional_cnn(), 6, ("keras", "export")),
+    "handwritten_cnn_h5": (lambda: functional_cnn(keras_ops=False), 6, ("h5",)),
+    "mobilenet_v3_small": (lambda: keras_application("mobilenet_v3_small"), 8, ("keras",)),
+    "efficientnet_b0": (lambda: keras_application("efficientnet_b0"), 8, ("keras", "export")),
+}
+
+
+def bench_one(name: str, file_format: str, work_dir: Path, epochs_override: int | None) -> dict:
+    from optimization.datasets import load_dataset
+
+    build, epochs, _ = CORPUS[name]
+    x, y = prototype_dataset()
+    dataset_path = work_dir / "data.npz"
+    dataset_path.write_bytes(npz_bytes(x, y))
+    model = train(build(), x[:600], y[:600], epochs)
+    model_path = save(model, file_format, work_dir / "models", name)
+    options = ({technique: {"epochs": epochs_override}
+                for technique in ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")}
+               if epochs_override else {})
+    started = time.monotonic()
+    sink = run_engine(model_path, dataset_path, work_dir / f"out_{name}_{file_format}", options=options)
+    wall = time.monotonic() - started
+    test = load_dataset(dataset_path, "custom", "NHWC")
+    runs = {}
+    for technique, run in sink.runs.items():
+        entry = {key: run.get(key) for key in ("status", "accuracy", "accuracy_drop", "size_bytes",
+                                               "compression_ratio", "speedup", "error")}
+        entry["wall_time_s"] = run["details"].get("wall_time_s")
+        if run["status"] == "completed":
+            entry["litert_accuracy"] = litert_accuracy(run["artifacts"]["deploy"], test.x_test, test.y_test)
+        runs[technique] = entry
+    baseline = sink.baseline_metrics or {}
+    return {"model": name, "format": file_format, "size_bytes": model_path.stat().st_size,
+            "training_epochs": epochs, "fine_tuning_epochs": epochs_override or "defaults",
+            "baseline": {k: baseline.get(k) for k in ("accuracy", "size_bytes", "latency_ms", "params", "macs")},
+            "runs": runs, "total_wall_s": round(wall, 1)}
+
+
+def markdown(results: list[dict]) -> str:
+    from optimization.base import TECHNIQUES
+
+    lines = ["| model | file | FP32 acc | " + " | ".join(TECHNIQUES) + " | total |",
+             "|---|---|---|" + "---|" * len(TECHNIQUES) + "---|"]
+    for result in results:
+        cells = []
+        for technique in TECHNIQUES:
+            run = result["runs"].get(technique, {})
+            if run.get("status") == "completed":
+                ratio = run.get("compression_ratio") or 0
+                cells.append(f"✓ {ratio:.1f}×, {run['accuracy_drop']:+.1f} pt, {run['wall_time_s']:.0f} s")
+            else:
+                cells.append(run.get("status", "—"))
+        accuracy = result["baseline"].get("accuracy") or 0
+        lines.append(f"| {result['model']} | .{result['format']} | {accuracy:.3f} | " + " | ".join(cells)
+                     + f" | {result['total_wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="fine-tuning epochs for the five training techniques (default: theirs)")
+    parser.add_argument("--models", default=",".join(CORPUS))
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-corpus-tf-"))
+    results = []
+    for name in args.models.split(","):
+        for file_format in CORPUS[name][2]:
+            print(f"{name} .{file_format} ...", flush=True)
+            results.append(bench_one(name, file_format, work_dir / f"{name}_{file_format}", args.epochs))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps({"results": results}, indent=2, default=str))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Keras 3 files and SavedModels, as TensorFlow 2.21 saves them by default: the static checks
+tell what can run before anything loads, a Keras 3 model becomes an equal tf_keras model, and
+every technique that applies completes, each deploy file giving in LiteRT (outside the
+engine) the accuracy the run reports. Models come from bench/corpus_tensorflow.py, trained
+once per session on generated data."""
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from bench.corpus_tensorflow import (
+    functional_cnn, keras_application, litert_accuracy, npz_bytes, prototype_dataset, run_engine,
+    save, train)
+from optimization.backends.tensorflow import BACKEND, keras as tf_keras
+from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
+from optimization.datasets import load_dataset
+from optimization.safety.keras_check import check_keras_file, keras_major_version
+from optimization.safety.savedmodel_check import inspect_savedmodel_zip
+
+TRAINING_TECHNIQUES = ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
+ONE_EPOCH = {name: {"epochs": 1} for name in TRAINING_TECHNIQUES}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Trained tiny models in each file kind, and the dataset they learned."""
+    folder = tmp_path_factory.mktemp("tf-corpus")
+    x, y = prototype_dataset(n=360)
+    dataset = folder / "data.npz"
+    dataset.write_bytes(npz_bytes(x, y))
+    with_ops = train(functional_cnn(), x[:300], y[:300], epochs=5)
+    without_ops = train(functional_cnn(keras_ops=False), x[:300], y[:300], epochs=5)
+    legacy = train(tf_keras_cnn(), x[:300], y[:300], epochs=5)
+    files = {"keras": save(with_ops, "keras", folder, "cnn"),
+             "export": save(with_ops, "export", folder, "cnn"),
+             "h5": save(without_ops, "h5", folder, "cnn_plain"),
+             "savedmodel": save(legacy, "savedmodel", folder, "tf_keras_cnn")}
+    return {"files": files, "dataset": dataset, "x": x, "y": y, "folder": folder}
+
+
+def tf_keras_cnn():
+    inputs = tf_keras.Input((32, 32, 3))
+    x = tf_keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = tf_keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(10)(x))
+
+
+def assert_every_deploy_file_gives_its_reported_accuracy(sink, dataset_path):
+    test = load_dataset(dataset_path, "custom", "NHWC")
+    for name, run in sink.runs.items():
+        if run["status"] == "completed":
+            measured = litert_accuracy(run["artifacts"]["deploy"], test.x_test, test.y_test)
+            assert abs(measured - run["accuracy"]) <= 0.01, (name, measured, run["accuracy"])
+
+
+# ----------------------------------------------------------------------------- static checks
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5"])
+def test_keras3_files_pass_the_static_check_and_are_known_as_keras3(corpus, kind):
+    path = corpus["files"][kind]
+    check_keras_file(path)
+    assert keras_major_version(path) == 3
+
+
+def test_a_keras3_custom_layer_is_refused_saying_to_use_built_in_layers(tmp_path):
+    import keras
+
+    @keras.saving.register_keras_serializable(package="user")
+    class Doubler(keras.layers.Layer):
+        def call(self, x):
+            return 2 * x
+
+    inputs = keras.Input((4,))
+    path = tmp_path / "custom.keras"
+    keras.Model(inputs, keras.layers.Dense(2)(Doubler()(inputs))).save(path)
+
+    with pytest.raises(UnsafeModelError, match="built-in Keras"):
+        check_keras_file(path)
+
+
+def test_a_keras3_activation_tf_keras_lacks_is_refused_with_what_to_do(tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    path = tmp_path / "sparsemax.keras"
+    keras.Model(inputs, keras.layers.Dense(3, activation="sparsemax")(inputs)).save(path)
+
+    with pytest.raises(InvalidInputError, match="sparsemax.*tf_keras"):
+        check_keras_file(path)
+
+
+def test_a_keras3_h5_that_lost_its_keras_ops_is_refused_saying_save_as_keras(tmp_path):
+    path = save(functional_cnn(), "h5", tmp_path, "with_ops")
+    with pytest.raises(InvalidInputError, match=r"Save the model as \.keras"):
+        check_keras_file(path)
+
+
+def test_an_exported_savedmodel_is_known_at_upload_as_post_training_only(corpus):
+    assert "post-training" in inspect_savedmodel_zip(corpus["files"]["export"])["post_training_only"]
+
+
+def test_a_compiled_tf_keras_savedmodel_passes_although_its_optimizer_is_custom(corpus):
+    path = corpus["files"]["savedmodel"]
+    with zipfile.ZipFile(path) as archive:
+        assert b"Custom>Adam" in archive.read("keras_metadata.pb")  # what used to be refused
+    assert inspect_savedmodel_zip(path) == {}
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5"])
+def test_a_keras3_model_converts_to_tf_keras_output_for_output(corpus, kind):
+    import keras
+
+    model = BACKEND.load(corpus["files"][kind])
+    assert isinstance(model.module, tf_keras.Model)
+    x = corpus["x"][:64]
+    BACKEND.verify_conversion(model, x)
+    original = keras.saving.load_model(corpus["files"][kind], compile=False)
+    np.testing.assert_allclose(model.module.predict(x, verbose=0), original.predict(x, verbose=0),
+                               atol=1e-4)
+    assert model.preparation["conversion"].startswith("converted from Keras 3 to tf_keras")
+    assert model.preparation["max_abs_difference"] <= 1e-4
+
+
+def test_a_converted_model_that_differs_from_its_source_is_refused(corpus):
+    model = BACKEND.load(corpus["files"]["keras"])
+    kernel, bias = model.module.layers[-1].get_weights()
+    kernel[:, 0] += 1.0  # one class's logit moves: the softmax output changes
+    model.module.layers[-1].set_weights([kernel, bias])
+    with pytest.raises(InvalidInputError, match="save the model with tf_keras"):
+        BACKEND.verify_conversion(model, corpus["x"][:64])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_keras3_applications_convert_output_for_output(tmp_path, name):
+    x, y = prototype_dataset(n=64)
+    model = train(keras_application(name), x, y, epochs=1)  # moves BatchNorm off its start
+    loaded = BACKEND.load(save(model, "keras", tmp_path, name))
+    BACKEND.verify_conversion(loaded, x)
+    assert loaded.preparation["max_abs_difference"] <= 1e-4
+
+
+# ----------------------------------------------------------------------------- all techniques
+
+
+def test_all_seven_complete_on_a_keras3_functional_cnn_and_each_file_gives_its_accuracy(corpus, tmp_path):
+    sink = run_engine(corpus["files"]["keras"], corpus["dataset"], tmp_path, options=ONE_EPOCH)
+
+    assert sorted(sink.runs) == sorted(TECHNIQUES)
+    for name, run in sink.runs.items():
+        assert run["status"] == "completed", (name, run["error"])
+        assert run["details"]["model_preparation"]["conversion"].startswith("converted from Keras 3")
+    assert sink.baseline_metrics["accuracy"] > 0.5  # the uploaded model learned the data
+    assert_every_deploy_file_gives_its_reported_accuracy(sink, corpus["dataset"])
+
+
+def test_an_exported_savedmodel_runs_post_training_and_skips_training_with_the_reason(corpus, tmp_path):
+    sink = run_engine(corpus["files"]["export"], corpus["dataset"], tmp_path, options=ONE_EPOCH)
+
+    for name in ("ptq_int8", "ptq_int4"):
+        assert sink.runs[name]["status"] == "completed", sink.runs[name]["error"]
+        assert sink.runs[name]["artifacts"]["native"].suffix == ".zip"
+    for name in TRAINING_TECHNIQUES:
+        assert sink.runs[name]["status"] == "skipped"
+        assert "no Keras metadata" in sink.runs[name]["error"]
+    assert_every_deploy_file_gives_its_reported_accuracy(sink, corpus["dataset"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["h5", "savedmodel"])
+def test_all_seven_complete_on_keras3_h5_and_a_compiled_tf_keras_savedmodel(corpus, tmp_path, kind):
+    sink = run_engine(corpus["files"][kind], corpus["dataset"], tmp_path, options=ONE_EPOCH)
+
+    for name, run in sink.runs.items():
+        assert run["status"] == "completed", (name, run["error"])
+    assert_every_deploy_file_gives_its_reported_accuracy(sink, corpus["dataset"])
