@@ -148,6 +148,8 @@ def _read_keras_zip_config(path: Path) -> dict:
         ) from error
     except json.JSONDecodeError as error:
         raise InvalidInputError(f"{path.name}: config.json is not valid JSON ({error})") from error
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: config.json is nested too deeply to be a Keras model") from None
 
 
 def _read_h5_config(path: Path) -> dict:
@@ -169,3 +171,5 @@ def _read_h5_config(path: Path) -> dict:
         return json.loads(raw)
     except json.JSONDecodeError as error:
         raise InvalidInputError(f"{path.name}: model_config is not valid JSON ({error})") from error
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: model_config is nested too deeply to be a Keras model") from None

@@ -7,8 +7,11 @@ their libraries. Checkpoint ops (SaveV2, RestoreV2, ...) are allowed only inside
 restore functions the SavedModel's own `saver_def` points at: that is how variables load.
 The Keras metadata (layer configs) gets the same allowlist check as `.keras` uploads.
 
-This runs in the worker: the protobuf classes come from tensorflow, imported inside the
-functions so that importing this module stays cheap.
+`check_savedmodel_dir` runs in the worker: the protobuf classes come from tensorflow, imported
+inside the functions so that importing this module stays cheap. `check_saved_model_ops` runs
+at the upload, in the web process, without tensorflow: it walks the protobuf wire format along
+the few fields that hold op names and refuses every op that is forbidden wherever it stands
+(the checkpoint ops, allowed in the saver's own functions, are left to the worker's check).
 """
 from __future__ import annotations
 
@@ -66,6 +69,73 @@ def check_savedmodel_dir(directory: Path) -> None:
     for meta_graph in saved_model.meta_graphs:
         _check_meta_graph(meta_graph)
     _check_keras_metadata(directory / "keras_metadata.pb")
+
+
+# Field numbers along SavedModel.meta_graphs -> MetaGraphDef.graph_def -> GraphDef.node / .library
+# -> FunctionDefLibrary.function -> FunctionDef.node_def -> NodeDef.op (tensorflow/core/protobuf).
+_META_GRAPHS, _GRAPH_DEF, _NODE, _LIBRARY, _FUNCTION, _FUNCTION_NODE_DEF, _OP = 2, 2, 1, 2, 1, 3, 2
+UPLOAD_FORBIDDEN_OPS = FORBIDDEN_OPS - CHECKPOINT_OPS
+
+
+def check_saved_model_ops(data: bytes, label: str) -> None:
+    """Refuse, from the bytes of saved_model.pb alone, a graph or function that uses an op
+    that reads or writes files or runs Python. InvalidInputError when the bytes are not a
+    protobuf message."""
+    for meta_graph in _fields(data, _META_GRAPHS, label):
+        for graph in _fields(meta_graph, _GRAPH_DEF, label):
+            for node in _fields(graph, _NODE, label):
+                _refuse_at_upload(_op_name(node, label), "the main graph")
+            for library in _fields(graph, _LIBRARY, label):
+                for function in _fields(library, _FUNCTION, label):
+                    for node in _fields(function, _FUNCTION_NODE_DEF, label):
+                        _refuse_at_upload(_op_name(node, label), "a function of the graph")
+
+
+def _refuse_at_upload(op: str, where: str) -> None:
+    if op in UPLOAD_FORBIDDEN_OPS or "PyFunc" in op:
+        _refuse_if_forbidden(op, where)
+
+
+def _op_name(node: bytes, label: str) -> str:
+    names = list(_fields(node, _OP, label))
+    return bytes(names[-1]).decode("utf-8", "replace") if names else ""
+
+
+def _fields(message: bytes, wanted: int, label: str):
+    """The length-delimited fields numbered `wanted` of one protobuf message, as memoryviews."""
+    view, position = memoryview(message), 0
+    while position < len(view):
+        key, position = _varint(view, position, label)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, position = _varint(view, position, label)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(view, position, label)
+            if position + length > len(view):
+                raise InvalidInputError(f"{label}: saved_model.pb is truncated or not a SavedModel")
+            if number == wanted:
+                yield view[position:position + length]
+            position += length
+        else:
+            raise InvalidInputError(f"{label}: saved_model.pb is not a SavedModel protobuf")
+    if position != len(view):
+        raise InvalidInputError(f"{label}: saved_model.pb is truncated or not a SavedModel")
+
+
+def _varint(view: memoryview, position: int, label: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(view) or shift > 63:
+            raise InvalidInputError(f"{label}: saved_model.pb is truncated or not a SavedModel")
+        byte = view[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
 
 
 def _check_meta_graph(meta_graph) -> None:
