@@ -88,7 +88,7 @@ def _plan(members, dest_root: Path, label: str, max_files: int, max_total_bytes:
         parts = PurePosixPath(name.replace("\\", "/"))
         if name.startswith(("/", "\\")) or parts.is_absolute() or ":" in parts.parts[0]:
             relative_name = name.lstrip("/\\")  # so that the message does not read like a server path
-            raise UnsafeModelError(f"{label}: entry {relative_name!r} is stored with an absolute path; "
+            raise UnsafeModelError(f"{label}: entry {relative_name!r} is an absolute path, outside the archive; "
                                    "zip the files with paths relative to the archive")
         if ".." in parts.parts:
             raise UnsafeModelError(f"{label}: entry {name!r} points outside the archive")
