@@ -4,7 +4,8 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from . import services
-from .models import Experiment, ExperimentProgress, InvalidTransition, ModelFile, OptimizationRun, Recommendation
+from .models import (ApiToken, Experiment, ExperimentProgress, InvalidTransition, ModelFile, OptimizationRun,
+                     Recommendation)
 
 
 class OptimizationRunInline(admin.TabularInline):
@@ -112,3 +113,17 @@ class ExperimentProgressAdmin(admin.ModelAdmin):
     list_filter = ("status",)
     search_fields = ("experiment__name", "message")
     readonly_fields = ("metrics", "seq", "updated_at")
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Staff can see who has tokens and revoke one (delete); tokens are made by their users
+    on the tokens page or with create_api_token, since only then can the token be shown."""
+
+    list_display = ("name", "user", "hint", "created_at", "last_used_at")
+    search_fields = ("name", "user__username", "hint")
+    fields = ("user", "name", "hint", "created_at", "last_used_at")
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False

@@ -300,3 +300,27 @@ def test_seed_demo_takes_the_password_from_the_environment(seed_without_training
     call_command("seed_demo", "--framework", "pytorch")
 
     assert django_user_model.objects.get(username="demo").check_password("demo-pass-from-env-9")
+
+
+# -- experiments made before accounts ------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_accounts_migration_gives_older_experiments_to_a_demo_user_without_a_password():
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before = [("experiments", "0002_measurement_spread")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    OldExperiment = executor.loader.project_state(before).apps.get_model("experiments", "Experiment")
+    old = OldExperiment.objects.create(name="from before", framework="pytorch", target_device="rpi4",
+                                       dataset="digits")
+
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    experiment = Experiment.objects.get(pk=old.pk)
+    assert experiment.owner.username == "demo"
+    assert not experiment.owner.has_usable_password()  # seed_demo sets one and prints it

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.mark.parametrize("table", ["experiment", "optimizationrun", "modelfile", "recommendation",
-                                   "experimentprogress"])
+                                   "experimentprogress", "apitoken"])
 def test_admin_lists_each_table(admin_client, finished_experiment, table):
     response = admin_client.get(f"/admin/experiments/{table}/")
 
@@ -93,3 +93,15 @@ def test_admin_links_only_the_viewers_own_experiments_to_their_results_page(
     assert f'href="/experiments/{own.pk}/results/"' in page
     # Another user's results page answers 404 to staff too, so it is not linked.
     assert f'href="/experiments/{finished_experiment.pk}/results/"' not in page
+
+
+def test_staff_can_revoke_a_users_token_in_the_admin(admin_client, anonymous, owner):
+    from experiments.models import ApiToken
+
+    row, token = ApiToken.issue(owner, "leaked")
+    listed = admin_client.get("/admin/experiments/apitoken/").content.decode()
+
+    admin_client.post(f"/admin/experiments/apitoken/{row.pk}/delete/", {"post": "yes"})
+
+    assert "leaked" in listed and token not in listed
+    assert anonymous.get("/api/experiments", headers={"Authorization": f"Bearer {token}"}).status_code == 401
