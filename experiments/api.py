@@ -84,19 +84,37 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise BadJSON(f"a number of {len(text)} digits is too large here; send at most {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if duplicates := sorted({key for key in keys if keys.count(key) > 1}):
+        raise BadJSON(f"the field(s) {', '.join(duplicates)} appear more than once; send each field once")
+    return dict(pairs)
+
+
+MAX_INT_DIGITS = 30
+
+
 def parse_json_object(request, allowed_fields) -> dict:
     """The request's body as a JSON object whose keys are all in `allowed_fields`.
 
     Refuses (as ServiceError) what json.loads would let through or crash on: a Content-Type
     other than JSON (415), NaN/Infinity and numbers that overflow to infinity, nesting deep
     enough to exhaust the parser's recursion, and unknown fields, which a typo would
-    otherwise silently drop."""
+    otherwise silently drop, duplicate keys (which one would count?) and integers long enough
+    to make int() itself refuse."""
     content_type = request.content_type or ""
     if request.body and content_type != "application/json":
         raise services.ServiceError(
             f"the body must be JSON sent as Content-Type: application/json, not {content_type or 'no type'}", 415)
     try:
-        body = json.loads(request.body or b"{}", parse_constant=_refuse_constant, parse_float=_finite_float)
+        body = json.loads(request.body or b"{}", parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int, object_pairs_hook=_refuse_duplicate_keys)
     except BadJSON as exc:
         raise services.ServiceError(str(exc)) from None
     except RecursionError:
@@ -261,6 +279,9 @@ def experiment_recommendation(request, experiment_id: int):
     return JsonResponse(recommendation.to_dict())
 
 
+DOWNLOAD_FORMATS = ("", "deploy", "native")
+
+
 @api_view("GET")
 def experiment_download(request, experiment_id: int, technique: str):
     """The deploy artifact of a technique; ?format=native for the framework's own file.
@@ -270,6 +291,9 @@ def experiment_download(request, experiment_id: int, technique: str):
     if technique != "baseline" and technique not in TECHNIQUES:
         return error(f"unknown technique {technique!r}; use baseline or one of {', '.join(TECHNIQUES)}", 404)
     wanted = request.GET.get("format", "")
+    if wanted not in DOWNLOAD_FORMATS:
+        return error(f"unknown format {wanted!r}; use format=native for the framework's own file, "
+                     "format=deploy (or none) for the deploy file", 400)
     if technique == "baseline":
         stored = (experiment.files.filter(role=ModelFile.Role.BASELINE, kind=ModelFile.Kind.DEPLOY).first()
                   if wanted == "deploy" else experiment.source_model())

@@ -7,6 +7,7 @@ by extension, size, magic bytes and the engine's static (stdlib / h5py) checks.
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 import zipfile
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
 from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
 from optimization.safety.archives import check_zip_archive
 from optimization.safety.images import check_zipped_images
+from optimization.safety.savedmodel_check import check_saved_model_ops
 from optimization.zoo.layouts import check_architecture_name
 
 from . import storage
@@ -148,6 +150,10 @@ def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str
     return CheckedUpload(kind, suffix, temp_path, size, digest.hexdigest(), options)
 
 
+# 64 MiB of float32 per sample: larger shapes are typos, or a way to exhaust the worker's memory.
+MAX_SAMPLE_ELEMENTS = 2**24
+
+
 def parse_input_shape(text) -> list[int]:
     """"1,8,8" or [1, 8, 8] -> [1, 8, 8]: one sample's shape, without the batch."""
     parts = text if isinstance(text, list) else [p for p in str(text).replace("x", ",").split(",") if p.strip()]
@@ -159,6 +165,10 @@ def parse_input_shape(text) -> list[int]:
         raise ServiceError(
             f"input_shape must be 1 to 4 positive integers like 1,28,28 (one sample, no batch); got {text!r}",
             field="input_shape")
+    if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+        raise ServiceError(
+            f"input_shape {shape} is {math.prod(shape):,} values per sample; at most {MAX_SAMPLE_ELEMENTS:,} "
+            "(e.g. 3,2048,2048) are accepted: the engine builds batches of that shape", field="input_shape")
     return shape
 
 
@@ -283,8 +293,16 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
             check_zipped_images(path, images, repr(original_name), max_dataset_bytes())
         except InvalidInputError as exc:
             raise ServiceError(str(exc), field="file") from None
-    if suffix == ".zip" and kind == "model" and not any(p.name == "saved_model.pb" for p in files):
-        raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
+    if suffix == ".zip" and kind == "model":
+        graphs = [m for m in members if PurePosixPath(m.filename).name == "saved_model.pb"]
+        if not graphs:
+            raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for graph in graphs:
+                    check_saved_model_ops(archive.read(graph), repr(original_name))
+        except (UnsafeModelError, InvalidInputError) as exc:
+            raise ServiceError(str(exc), field="file") from None
 
 
 def place_upload(experiment: Experiment, checked: CheckedUpload) -> ModelFile:

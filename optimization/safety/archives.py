@@ -86,8 +86,14 @@ def _plan(members, dest_root: Path, label: str, max_files: int, max_total_bytes:
     for member in members:
         name = member.filename
         parts = PurePosixPath(name.replace("\\", "/"))
-        if name.startswith(("/", "\\")) or parts.is_absolute() or ":" in parts.parts[0] or ".." in parts.parts:
+        if name.startswith(("/", "\\")) or parts.is_absolute() or ":" in parts.parts[0]:
+            relative_name = name.lstrip("/\\")  # so that the message does not read like a server path
+            raise UnsafeModelError(f"{label}: entry {relative_name!r} is an absolute path, outside the archive; "
+                                   "zip the files with paths relative to the archive")
+        if ".." in parts.parts:
             raise UnsafeModelError(f"{label}: entry {name!r} points outside the archive")
+        if member.flag_bits & 0x1:
+            raise InvalidInputError(f"{label}: entry {name!r} is encrypted; upload an archive without a password")
         if stat.S_ISLNK(member.external_attr >> 16):
             raise UnsafeModelError(f"{label}: entry {name!r} is a symbolic link; links are not accepted")
         target = (dest_root / parts).resolve()

@@ -229,14 +229,23 @@ def _read_keras_zip_config(path: Path) -> dict:
             info = archive.getinfo("config.json")
             if info.file_size > MAX_CONFIG_BYTES:
                 raise InvalidInputError(f"{path.name}: config.json is implausibly large")
-            return json.loads(archive.read(info))
+            return _model_config(json.loads(archive.read(info)), path.name)
     except (zipfile.BadZipFile, KeyError) as error:
         raise InvalidInputError(
             f"{path.name} is not a Keras v3 archive with a config.json ({error}); "
             "save the model with model.save('model.keras')."
         ) from error
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, not UTF-8, or a number int() refuses
         raise InvalidInputError(f"{path.name}: config.json is not valid JSON ({error})") from error
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: config.json is nested too deeply to be a Keras model") from None
+
+
+def _model_config(config, name: str) -> dict:
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{name}: the model config is a JSON {type(config).__name__}, not the object "
+                                "Keras writes; save the model with model.save")
+    return config
 
 
 def _read_h5_config(path: Path) -> dict:
@@ -252,9 +261,9 @@ def _read_h5_config(path: Path) -> dict:
             f"{path.name} holds no model_config (weights only?); save the whole model "
             "with model.save('model.h5') or, better, model.save('model.keras')."
         )
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8")
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as error:
+        return _model_config(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw), path.name)
+    except ValueError as error:  # not JSON, not UTF-8, or a number int() refuses
         raise InvalidInputError(f"{path.name}: model_config is not valid JSON ({error})") from error
+    except RecursionError:
+        raise InvalidInputError(f"{path.name}: model_config is nested too deeply to be a Keras model") from None

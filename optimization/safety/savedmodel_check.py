@@ -7,12 +7,15 @@ their libraries. Checkpoint ops (SaveV2, RestoreV2, ...) are allowed only inside
 restore functions the SavedModel's own `saver_def` points at: that is how variables load.
 The Keras metadata (layer configs) gets the same allowlist check as `.keras` uploads.
 
-The op check runs in the worker: the protobuf classes come from tensorflow, imported inside
-the functions so that importing this module stays cheap. `inspect_savedmodel_zip` runs at the
-upload with the standard library only: it checks the Keras metadata (read with a small
-protobuf wire reader) and tells a SavedModel with Keras metadata (tf_keras `model.save`:
-every technique) from one without (Keras 3 `model.export()`, `tf.saved_model.save`: an
-inference graph only, so only the post-training techniques can run).
+`check_savedmodel_dir` runs in the worker: the protobuf classes come from tensorflow, imported
+inside the functions so that importing this module stays cheap. Two checks run at the upload, in
+the web process, with the standard library only (a small protobuf wire reader):
+`check_saved_model_ops` walks the few fields that hold op names and refuses every op that is
+forbidden wherever it stands (the checkpoint ops, allowed in the saver's own functions, are left
+to the worker's check); `inspect_savedmodel_zip` checks the Keras metadata and tells a SavedModel
+with Keras metadata (tf_keras `model.save`: every technique) from one without (Keras 3
+`model.export()`, `tf.saved_model.save`: an inference graph only, so only the post-training
+techniques can run).
 """
 from __future__ import annotations
 
@@ -71,6 +74,80 @@ def check_savedmodel_dir(directory: Path) -> None:
     for meta_graph in saved_model.meta_graphs:
         _check_meta_graph(meta_graph)
     _check_keras_metadata(directory / "keras_metadata.pb")
+
+
+# Field numbers along SavedModel.meta_graphs -> MetaGraphDef.graph_def -> GraphDef.node / .library
+# -> FunctionDefLibrary.function -> FunctionDef.node_def -> NodeDef.op (tensorflow/core/protobuf).
+_META_GRAPHS, _GRAPH_DEF, _NODE, _LIBRARY, _FUNCTION, _FUNCTION_NODE_DEF, _OP = 2, 2, 1, 2, 1, 3, 2
+UPLOAD_FORBIDDEN_OPS = FORBIDDEN_OPS - CHECKPOINT_OPS
+
+
+def check_saved_model_ops(data: bytes, label: str) -> None:
+    """Refuse, from the bytes of saved_model.pb alone, a graph or function that uses an op
+    that reads or writes files or runs Python. InvalidInputError when the bytes are not a
+    protobuf message."""
+    for meta_graph in _fields(data, _META_GRAPHS, label):
+        for graph in _fields(meta_graph, _GRAPH_DEF, label):
+            for node in _fields(graph, _NODE, label):
+                _refuse_at_upload(_op_name(node, label), "the main graph")
+            for library in _fields(graph, _LIBRARY, label):
+                for function in _fields(library, _FUNCTION, label):
+                    for node in _fields(function, _FUNCTION_NODE_DEF, label):
+                        _refuse_at_upload(_op_name(node, label), "a function of the graph")
+
+
+def _refuse_at_upload(op: str, where: str) -> None:
+    if op in UPLOAD_FORBIDDEN_OPS or "PyFunc" in op:
+        _refuse_if_forbidden(op, where)
+
+
+def _op_name(node: bytes, label: str) -> str:
+    return _last(node, _OP, label, "saved_model.pb").decode("utf-8", "replace")
+
+
+def _last(message: bytes, number: int, label: str, what: str) -> bytes:
+    """The last field numbered `number` (protobuf: a repeated scalar's last value wins)."""
+    values = list(_fields(message, number, label, what))
+    return bytes(values[-1]) if values else b""
+
+
+def _fields(message: bytes, wanted: int, label: str, what: str = "saved_model.pb"):
+    """The length-delimited fields numbered `wanted` of one protobuf message (wire format), as
+    memoryviews; InvalidInputError when `what` (the file the bytes came from) is not one."""
+    view, position = memoryview(message), 0
+    malformed = InvalidInputError(f"{label}: {what} is truncated or not a valid protobuf message")
+    while position < len(view):
+        key, position = _varint(view, position, malformed)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, position = _varint(view, position, malformed)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(view, position, malformed)
+            if position + length > len(view):
+                raise malformed
+            if number == wanted:
+                yield view[position:position + length]
+            position += length
+        else:
+            raise malformed
+    if position != len(view):
+        raise malformed
+
+
+def _varint(view: memoryview, position: int, malformed: Exception) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(view) or shift > 63:
+            raise malformed
+        byte = view[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
 
 
 def _check_meta_graph(meta_graph) -> None:
@@ -159,44 +236,7 @@ SAVED_METADATA_NODES, SAVED_OBJECT_IDENTIFIER, SAVED_OBJECT_METADATA = 1, 4, 5
 
 
 def _saved_metadata_nodes(content: bytes) -> list[tuple[str, bytes]]:
-    nodes = []
-    for number, value in _protobuf_fields(content):
-        if number == SAVED_METADATA_NODES and isinstance(value, bytes):
-            fields = dict((n, v) for n, v in _protobuf_fields(value) if isinstance(v, bytes))
-            identifier = fields.get(SAVED_OBJECT_IDENTIFIER, b"").decode("utf-8", "replace")
-            nodes.append((identifier, fields.get(SAVED_OBJECT_METADATA, b"")))
-    return nodes
-
-
-def _protobuf_fields(content: bytes):
-    """(field number, int or bytes) of each field of one protobuf message (wire format)."""
-    position = 0
-
-    def varint():
-        nonlocal position
-        value, shift = 0, 0
-        while True:
-            if position >= len(content) or shift > 63:
-                raise InvalidInputError("keras_metadata.pb is not a valid protobuf message")
-            byte = content[position]
-            position += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while position < len(content):
-        key = varint()
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            yield number, varint()
-        elif wire_type == 2:
-            length = varint()
-            if position + length > len(content):
-                raise InvalidInputError("keras_metadata.pb is not a valid protobuf message")
-            yield number, content[position:position + length]
-            position += length
-        elif wire_type in (1, 5):
-            position += 8 if wire_type == 1 else 4
-        else:
-            raise InvalidInputError("keras_metadata.pb is not a valid protobuf message")
+    where = ("the SavedModel", "keras_metadata.pb")
+    return [(_last(node, SAVED_OBJECT_IDENTIFIER, *where).decode("utf-8", "replace"),
+             _last(node, SAVED_OBJECT_METADATA, *where))
+            for node in _fields(content, SAVED_METADATA_NODES, *where)]

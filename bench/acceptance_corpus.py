@@ -1,0 +1,297 @@
+"""The acceptance corpus, run before the real one: models nobody here wrote, saved the way their
+frameworks save them by default, each uploaded through the real JSON API (Django's test client,
+logged in as a user), run by the worker's own task in this process, and every artifact the API
+serves re-evaluated outside the engine (onnxruntime for .onnx, LiteRT for .tflite) on the test
+split. Records per file: the upload's answer, each technique's status or error, and the
+accuracy the results report next to the accuracy of the downloaded file.
+
+PyTorch: timm architectures (random init, trained briefly here) written by tests/foreign.py as
+`.pt2` (dynamic batch), TorchScript `.pt`, and ONNX from torch's dynamo and legacy exporters.
+TensorFlow: Keras 3 models from bench/corpus_tensorflow.py (a hand-written functional CNN,
+keras.applications MobileNetV3Small) as `.keras`, `.h5`, a `model.export()` SavedModel zip and
+a `tf.saved_model.save` zip of the compiled model. 32x32, 10 classes, generated data; the
+fine-tuning techniques get one epoch (experiment config `{"techniques": {name: {"epochs": 1}}}`).
+
+Not a test: `nice -n 10 python bench/acceptance_corpus.py --framework pytorch [--models a,b]
+[--results FILE]`. Results merge into bench/results/acceptance_corpus.json (one entry per file).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results" / "acceptance_corpus.json"
+TECHNIQUES = ("ptq_int8", "ptq_int4", "prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
+FINE_TUNING = ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
+ONE_EPOCH = {"techniques": {name: {"epochs": 1} for name in FINE_TUNING}}
+SIDE, CLASSES, SAMPLES, TRAIN = 32, 10, 480, 400
+ACCURACY_TOLERANCE = 0.01  # one point
+
+# name: (builder key, file format); a few per framework, so a run fits the shared machine.
+PYTORCH_CORPUS = {
+    "mobilenetv3_small_050.pt2": ("mobilenetv3_small_050", "pt2"),
+    "mobilenetv3_small_050.pt": ("mobilenetv3_small_050", "pt"),
+    "mobilenetv3_small_050.dynamo.onnx": ("mobilenetv3_small_050", "onnx-dynamo"),
+    "mobilenetv3_small_050.legacy.onnx": ("mobilenetv3_small_050", "onnx-legacy"),
+    "resnet10t.pt2": ("resnet10t", "pt2"),
+    "convnext_atto.legacy.onnx": ("convnext_atto", "onnx-legacy"),
+}
+TENSORFLOW_CORPUS = {
+    "handwritten_cnn.keras": ("functional_cnn", "keras"),
+    "handwritten_cnn.h5": ("functional_cnn_no_ops", "h5"),
+    "handwritten_cnn_export.zip": ("functional_cnn", "export"),
+    "handwritten_cnn_tf_saved_model.zip": ("functional_cnn", "tf_saved_model"),
+    "mobilenet_v3_small.keras": ("mobilenet_v3_small", "keras"),
+}
+
+
+def data(framework: str):
+    """Noisy copies of one coarse random image per class (tests/test_full_experiments.py), in
+    the model's own layout: NCHW for PyTorch, NHWC for TensorFlow."""
+    from tests.test_full_experiments import prototype_dataset
+
+    x, y = prototype_dataset((SIDE, SIDE, 3), n=SAMPLES, classes=CLASSES)
+    return (x.transpose(0, 3, 1, 2).copy() if framework == "pytorch" else x), y
+
+
+def npz(x, y) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x_train=x[:TRAIN], y_train=y[:TRAIN], x_test=x[TRAIN:], y_test=y[TRAIN:])
+    return buffer.getvalue()
+
+
+# -- building the files --------------------------------------------------------------------
+
+
+def build_pytorch(names: list[str], folder: Path, x, y, epochs: int) -> dict[str, Path]:
+    from optimization.backends import pytorch as backend
+    from tests.foreign import save, timm_model
+
+    trained, files = {}, {}
+    for name in names:
+        architecture, file_format = PYTORCH_CORPUS[name]
+        if architecture not in trained:
+            module = timm_model(architecture, num_classes=CLASSES)
+            dataset = type("Train", (), {"x_train": x[:TRAIN], "y_train": y[:TRAIN]})
+            backend.train(module, dataset, epochs, 3e-3, lambda *_: None)
+            trained[architecture] = module.eval()
+        files[name] = save(trained[architecture], (3, SIDE, SIDE), folder / name, file_format)
+    return files
+
+
+def build_tensorflow(names: list[str], folder: Path, x, y, epochs: int) -> dict[str, Path]:
+    from bench import corpus_tensorflow as keras_corpus
+
+    builders = {"functional_cnn": lambda: keras_corpus.functional_cnn(),
+                "functional_cnn_no_ops": lambda: keras_corpus.functional_cnn(keras_ops=False),
+                "mobilenet_v3_small": lambda: keras_corpus.keras_application("mobilenet_v3_small")}
+    trained, files = {}, {}
+    for name in names:
+        builder, file_format = TENSORFLOW_CORPUS[name]
+        if builder not in trained:
+            trained[builder] = keras_corpus.train(builders[builder](), x[:TRAIN], y[:TRAIN], epochs)
+        model, stem = trained[builder], Path(name).stem
+        if file_format == "tf_saved_model":  # what tf.saved_model.save writes for a compiled Keras 3 model
+            import tensorflow as tf
+
+            directory = folder / f"{stem}_dir"
+            tf.saved_model.save(model, str(directory))
+            path = folder / name
+            with zipfile.ZipFile(path, "w") as archive:
+                for file in sorted(directory.rglob("*")):
+                    archive.write(file, file.relative_to(directory))
+            shutil.rmtree(directory)
+            files[name] = path
+        else:
+            saved = keras_corpus.save(model, file_format, folder, stem)
+            files[name] = saved.rename(folder / name)
+    return files
+
+
+# -- through the API -----------------------------------------------------------------------
+
+
+def django_client(work: Path):
+    os.environ["DATABASE_URL"] = f"sqlite:///{work / 'db.sqlite3'}"
+    os.environ["EDGEOPT_STORAGE_ROOT"] = str(work / "storage")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "edgeopt_site.settings")
+    (work / "storage").mkdir(parents=True, exist_ok=True)
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.test import Client
+
+    import experiments.models
+
+    call_command("migrate", verbosity=0)
+    experiments.models._enqueue_run = lambda experiment_id: None  # the task runs here instead
+    user, _ = get_user_model().objects.get_or_create(username="acceptance")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def run_file(client, framework: str, path: Path, x, y) -> dict:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from experiments import tasks
+
+    entry = {"file": path.name, "framework": framework, "size_bytes": path.stat().st_size}
+    body = {"name": f"acceptance {path.name}", "framework": framework, "target_device": "rpi4",
+            "dataset": "custom", "goal": "balanced", "constraints": {"max_accuracy_drop": 5.0},
+            "techniques": list(TECHNIQUES), "config": ONE_EPOCH}
+    created = client.post("/api/experiments/create", json.dumps(body), content_type="application/json")
+    if created.status_code != 201:
+        return {**entry, "upload": f"create refused {created.status_code}: {created.json().get('error')}"}
+    experiment_id = created.json()["id"]
+    fields = {"input_shape": f"3,{SIDE},{SIDE}"} if path.suffix == ".pt" else {}
+    upload = client.post(f"/api/experiments/{experiment_id}/upload",
+                         {"file": SimpleUploadedFile(path.name, path.read_bytes()), **fields})
+    entry["upload"] = "accepted" if upload.status_code == 200 else f"{upload.status_code}: {upload.json().get('error')}"
+    if upload.status_code != 200:
+        return entry
+    dataset = client.post(f"/api/experiments/{experiment_id}/upload",
+                          {"file": SimpleUploadedFile("data.npz", npz(x, y)), "kind": "dataset"})
+    if dataset.status_code != 200:
+        return {**entry, "dataset": f"{dataset.status_code}: {dataset.json().get('error')}"}
+    started = client.post(f"/api/experiments/{experiment_id}/start")
+    if started.status_code != 202:
+        return {**entry, "start": f"{started.status_code}: {started.json().get('error')}"}
+    began = time.monotonic()
+    try:
+        entry["status"] = tasks.run_experiment(experiment_id)
+    except Exception:  # noqa: BLE001 - the corpus records what the worker would have logged
+        entry["status"], entry["traceback"] = "crashed", traceback.format_exc()[-1500:]
+    entry["seconds"] = round(time.monotonic() - began, 1)
+    results = client.get(f"/api/experiments/{experiment_id}/results").json()
+    entry["error"] = results.get("error")
+    baseline = results.get("baseline") or {}
+    entry["baseline"] = {"accuracy": baseline.get("accuracy"),
+                         "reevaluated": reevaluate(client, experiment_id, "baseline", x, y, "?format=deploy")}
+    entry["runs"] = {}
+    for run in results.get("runs", []):
+        record = {"status": run["status"], "accuracy": run.get("accuracy"), "error": run.get("error")}
+        if run["status"] == "completed":
+            record["reevaluated"] = reevaluate(client, experiment_id, run["technique"], x, y)
+        entry["runs"][run["technique"]] = record
+    return entry
+
+
+def reevaluate(client, experiment_id: int, technique: str, x, y, query: str = "") -> float | str:
+    """Accuracy of the downloaded deploy file on the test split, in onnxruntime or LiteRT."""
+    response = client.get(f"/api/experiments/{experiment_id}/download/{technique}{query}")
+    if response.status_code != 200:
+        return f"download {response.status_code}: {response.json().get('error')}"
+    data = b"".join(response.streaming_content)
+    name = response["Content-Disposition"]
+    try:
+        logits = run_onnx(data, x[TRAIN:]) if ".onnx" in name else run_tflite(data, x[TRAIN:])
+    except Exception as exc:  # noqa: BLE001 - a file that does not run is the finding
+        return f"does not run outside the engine: {type(exc).__name__}: {str(exc)[:300]}"
+    return float((logits.argmax(-1) == y[TRAIN:]).mean())
+
+
+def run_onnx(model: bytes, x) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def run_tflite(model: bytes, x) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model)
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    outputs = []
+    for sample in x:  # one at a time: some converted models keep a fixed batch of 1
+        value = sample[None].astype(np.float32)
+        if source["dtype"] != np.float32:
+            scale, zero = source["quantization"]
+            value = np.clip(np.round(value / scale + zero), np.iinfo(source["dtype"]).min,
+                            np.iinfo(source["dtype"]).max).astype(source["dtype"])
+        interpreter.set_tensor(source["index"], value)
+        interpreter.invoke()
+        out = interpreter.get_tensor(target["index"]).astype(np.float32)
+        if target["dtype"] != np.float32:
+            scale, zero = target["quantization"]
+            out = (out - zero) * scale
+        outputs.append(out[0])
+    return np.stack(outputs)
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def agreement(reported, measured) -> str:
+    if reported is None or not isinstance(measured, float):
+        return "-" if measured is None else str(measured)[:60]
+    mark = "ok" if abs(reported - measured) <= ACCURACY_TOLERANCE else "MISMATCH"
+    return f"{reported:.3f}/{measured:.3f} {mark}"
+
+
+def markdown(entries: dict) -> str:
+    lines = ["| file | upload | run | baseline reported/re-evaluated | " + " | ".join(TECHNIQUES) + " |",
+             "|---" * (4 + len(TECHNIQUES)) + "|"]
+    for entry in entries.values():
+        runs = entry.get("runs", {})
+        cells = []
+        for technique in TECHNIQUES:
+            run = runs.get(technique)
+            if run is None:
+                cells.append("-")
+            elif run["status"] != "completed":
+                cells.append(f"{run['status']}: {(run.get('error') or '')[:60]}")
+            else:
+                cells.append(agreement(run["accuracy"], run.get("reevaluated")))
+        baseline = entry.get("baseline") or {}
+        lines.append(f"| {entry['file']} | {entry['upload'][:80]} | {entry.get('status', '-')} | "
+                     f"{agreement(baseline.get('accuracy'), baseline.get('reevaluated'))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=("pytorch", "tensorflow"), required=True)
+    parser.add_argument("--models", help="comma list of corpus file names (default: all of the framework)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of each model before saving")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    corpus = PYTORCH_CORPUS if args.framework == "pytorch" else TENSORFLOW_CORPUS
+    names = args.models.split(",") if args.models else list(corpus)
+    if args.framework == "tensorflow":
+        from optimization.backends import tensorflow  # noqa: F401  (sets TF_USE_LEGACY_KERAS before keras loads)
+    x, y = data(args.framework)
+    entries = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="acceptance-") as work:
+        work = Path(work)
+        client = django_client(work)
+        build = build_pytorch if args.framework == "pytorch" else build_tensorflow
+        for name, path in build(names, work / "files", x, y, args.epochs).items():
+            entries[name] = run_file(client, args.framework, path, x, y)
+            print(json.dumps(entries[name])[:2000], flush=True)
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(entries, indent=2))
+    print(markdown(entries))
+
+
+if __name__ == "__main__":
+    main()
