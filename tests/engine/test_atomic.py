@@ -90,15 +90,25 @@ def digits_spec(tmp_path):
 
 
 def fill_the_disk_when_saving(monkeypatch, file_name: str):
-    """onnx.save runs out of space half way through `file_name` (any other file saves)."""
-    real_save = onnx.save
+    """Writing `file_name` runs out of space half way, whether the saver is onnx.save or writes
+    the serialized bytes itself (a cached export); any other file saves."""
+    real_save, real_write_bytes = onnx.save, Path.write_bytes
+
+    def is_target(path) -> bool:
+        return bool(re.fullmatch(rf"\.{re.escape(Path(file_name).stem)}\.[0-9a-f]+\.partial\.onnx", Path(path).name))
 
     def save(model, path, *args, **kwargs):
-        if re.fullmatch(rf"\.{re.escape(Path(file_name).stem)}\.[0-9a-f]+\.partial\.onnx", Path(path).name):
+        if is_target(path):
             write_half_then_fill_the_disk(model.SerializeToString())(path)
         return real_save(model, path, *args, **kwargs)
 
+    def write_bytes(path, data):
+        if is_target(path):
+            write_half_then_fill_the_disk(data)(path)
+        return real_write_bytes(path, data)
+
     monkeypatch.setattr(onnx, "save", save)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
 
 
 def test_a_full_disk_while_writing_the_baseline_fails_the_experiment_with_a_message(

@@ -326,7 +326,7 @@ def test_magnitude_pruning_leaves_the_uploaded_model_untouched(runs, demo):
 
     result, _ = runs("prune_unstructured")
 
-    assert result.details["sparsity"] > 0.3
+    assert result.sparsity > 0.3
     as_uploaded = BACKEND.load(model.source_path).module.get_weights()
     for kept, now in zip(as_uploaded, model.module.get_weights()):  # tfmot pruned it in place before
         np.testing.assert_array_equal(kept, now)
