@@ -36,6 +36,7 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/pytorch_techniques.py
+	$(PY) bench/pytorch_int4.py
 	$(PY) bench/tensorflow_techniques.py
 	$(PY) bench/estimator_validation.py
 

@@ -2,61 +2,65 @@
 run of every technique on one model, the targets it is checked against, its markdown table, and the rewrite
 of the script's own section of BENCHMARKS.md.
 
-Every number comes from `optimization.evaluator.evaluate`, the app's own evaluator, so the
-benchmark reports what a user of the app would see.
+Each model goes through the app's own orchestrator (`optimization.orchestrator.run_experiment`,
+plan "all") with a `RecordingSink`, so the benchmark reports what a user of the app would see:
+the same loading, baseline, evaluation, estimates and ETAs. The scripts call
+`prepare_worker_process()` before importing a backend, as the worker does.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
-from optimization.base import TECHNIQUES, Backend, TechniqueConfig, TechniqueNotApplicable
-from optimization.datasets import load_digits_preset, write_digits_preset
-from optimization.evaluator import evaluate
-from optimization.graph import load_graph
-from optimization.techniques import get_technique
+from optimization.backends import LAYOUTS, get_backend
+from optimization.base import TECHNIQUES
+from optimization.datasets import load_dataset, load_digits_preset, write_digits_preset
+from optimization.orchestrator import ExperimentSpec, RecordingSink, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 # both scripts train their MobileNetV2 from scratch for as long, so the two tables compare
 MOBILENET_EPOCHS = 15
+DEMO_DATASET = "digits"
+MOBILENET_DATASET = "digits-32x32-rgb"
+MOBILENET_PREPROCESSING = {"resize": [32, 32], "channels": 3}
 
 
-def run(description: str, backend: Backend, layout: str, machine: str, mobilenet: Callable,
-        params_macs: Callable, technique_targets: dict, write_section: Callable[[list[dict], str], None]) -> None:
+def run(description: str, framework: str, machine: str, mobilenet: Callable, technique_targets: dict,
+        write_section: Callable[[list[dict], str], None]) -> None:
     """The command line both scripts share: `[--work-dir DIR] [--skip-mobilenet]`.
 
-    Benchmarks the app's demo model on the digits preset (written to the work dir, loaded in
-    `layout`), then, unless skipped, the model `mobilenet(work_dir, preset)` builds and trains,
-    returned as (label, model, dataset). `params_macs(model)` counts a model with the framework's
-    own counter. Writes bench/results/{framework}.json, then `write_section(results, machine)`."""
+    Benchmarks the app's demo model on the digits preset (written to the work dir), then, unless
+    skipped, the model `mobilenet(work_dir, preset)` builds, trains and saves, returned as (label,
+    model path); it is fed MOBILENET_DATASET (the preset with MOBILENET_PREPROCESSING). Writes
+    bench/results/{framework}.json, then `write_section(results, machine)`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--skip-mobilenet", action="store_true")
     args = parser.parse_args()
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"edgeopt-bench-{backend.framework}-"))
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"edgeopt-bench-{framework}-"))
     preset = work_dir / "preset"
     write_digits_preset(preset)
 
-    def bench(label: str, model, dataset, name: str) -> dict:
-        return bench_model(backend, label, model, dataset, work_dir / name, params_macs(model), technique_targets)
-
-    digits = load_digits_preset(preset, layout)
-    demo = backend.load(backend.train_demo_model(digits, work_dir / f"digits_cnn{backend.native_suffix}"))
+    backend = get_backend(framework)
+    digits = load_digits_preset(preset, LAYOUTS[framework])
+    demo = backend.train_demo_model(digits, work_dir / f"digits_cnn{backend.native_suffix}")
     shape = "x".join(str(size) for size in digits.input_shape)
-    results = [bench(f"digits_cnn on digits ({shape})", demo, digits, "digits_cnn")]
+    results = [bench_model(framework, f"digits_cnn on digits ({shape})", demo, preset, DEMO_DATASET, None,
+                           work_dir / "digits_cnn", technique_targets)]
     if not args.skip_mobilenet:
-        results.append(bench(*mobilenet(work_dir, preset), "mobilenet_v2"))
-    results_path = RESULTS_DIR / f"{backend.framework}.json"
+        label, path = mobilenet(work_dir, preset)
+        results.append(bench_model(framework, label, path, preset, MOBILENET_DATASET, MOBILENET_PREPROCESSING,
+                                   work_dir / "mobilenet_v2", technique_targets))
+    results_path = RESULTS_DIR / f"{framework}.json"
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps({"machine": machine, "results": results}, indent=2, default=str))
     write_section(results, machine)
-    print(f"wrote {results_path} and the {backend.framework} section of {BENCHMARKS}")
+    print(f"wrote {results_path} and the {framework} section of {BENCHMARKS}")
 
 
 def targets(int8_speedup: float) -> dict:
@@ -73,48 +77,42 @@ def targets(int8_speedup: float) -> dict:
     }
 
 
-def bench_model(backend: Backend, label: str, model, dataset, work_dir: Path,
-                params_macs: tuple[int, int], technique_targets: dict) -> dict:
-    """Every technique on `model`, each deploy file compared with the model's FP32 deploy file.
-
-    `params_macs` is the baseline's (parameters, MACs), counted by the framework's own counter."""
-    baseline_path = backend.export_deploy(model, work_dir / f"baseline{backend.deploy_suffix}")
-    baseline = evaluate(backend, baseline_path, dataset)
-    params, macs = params_macs
-    # the orchestrator's model_info, layer count included, so the ETAs are the app's own
-    model_info = {"params": params, "macs": macs, "train_samples": len(dataset.x_train),
-                  "calib_samples": len(dataset.x_calib), "layers": len(load_graph(baseline_path).ops) or None}
+def bench_model(framework: str, label: str, model_path: Path, preset: Path, dataset_name: str,
+                preprocessing: dict | None, work_dir: Path, technique_targets: dict,
+                techniques=TECHNIQUES) -> dict:
+    """Each of `techniques` (default: all) on the model at `model_path`, through the orchestrator
+    (plan "all"), each deploy file compared with the model's FP32 deploy file."""
+    config = {"seed": 0, **({"preprocessing": preprocessing} if preprocessing else {})}
+    spec = ExperimentSpec(experiment_id=0, framework=framework, model_path=Path(model_path), dataset_path=preset,
+                          dataset_name=dataset_name, target_device="rpi4", goal="balanced", constraints={},
+                          techniques=list(techniques), output_dir=work_dir, config=config)
+    sink = RecordingSink()
+    run_experiment(spec, sink)
+    baseline = {key: sink.baseline_metrics.get(key) for key in ("accuracy", "size_bytes", "latency_ms", "params", "macs")}
     print(f"[{label}] baseline {baseline}", flush=True)
     rows = []
-    for name in TECHNIQUES:
-        technique = get_technique(backend.framework, name)
-        config = TechniqueConfig(work_dir / name)
-        estimate = technique.estimate_time(model_info, config)
-        start = time.perf_counter()
-        try:
-            result = technique.optimize(model, config, dataset, lambda *_: None)
-        except TechniqueNotApplicable as reason:
-            rows.append({"technique": name, "status": "skipped", "reason": str(reason)})
+    for name in techniques:
+        run_row = sink.runs[name]
+        if run_row["status"] != "completed":
+            rows.append({"technique": name, "status": run_row["status"], "reason": run_row.get("error")})
             continue
-        wall = time.perf_counter() - start
+        details = {key: value for key, value in run_row["details"].items() if key != "analysis"}
         row = {"technique": name, "status": "completed",
-               **evaluate(backend, result.artifacts["deploy"], dataset),
-               "params": result.params, "macs": result.macs, "wall_s": round(wall, 1),
-               "estimated_s": round(estimate, 1), "details": result.details}
-        row.update({
-            "accuracy_drop_pts": round(100 * (baseline["accuracy"] - row["accuracy"]), 2),
-            "compression_ratio": round(baseline["size_bytes"] / row["size_bytes"], 2),
-            "speedup": round(baseline["latency_ms"] / row["latency_ms"], 2),
-            "estimate_within_2x": 0.5 <= estimate / wall <= 2.0,
-        })
+               **{key: run_row.get(key) for key in ("accuracy", "size_bytes", "latency_ms", "params", "macs")},
+               "wall_s": details["wall_time_s"], "estimated_s": details["estimated_s"], "details": details,
+               "accuracy_drop_pts": round(run_row["accuracy_drop"], 2),
+               "compression_ratio": round(run_row["compression_ratio"], 2),
+               "speedup": round(run_row["speedup"], 2),
+               "estimate_within_2x": 0.5 <= details["estimated_s"] / max(details["wall_time_s"], 1e-9) <= 2.0}
         if name in technique_targets:
             description, check = technique_targets[name]
             row["target"], row["target_met"] = description, bool(check(row))
-        print(f"[{label}] {name}: " + json.dumps({k: v for k, v in row.items() if k != "details"}),
+        print(f"[{label}] {name}: " + json.dumps({k: v for k, v in row.items() if k != "details"}, default=str),
               flush=True)
         rows.append(row)
-    return {"model": label, "baseline": {**baseline, "params": params, "macs": macs},
-            "dataset": dataset.summary(), "runs": rows,
+    dataset = load_dataset(preset, dataset_name, LAYOUTS[framework], preprocessing)
+    return {"model": label, "baseline": baseline, "dataset": dataset.summary(), "runs": rows,
+            "recommendation": (sink.recommended or {}).get("technique"),
             "total_wall_s": round(sum(r.get("wall_s", 0) for r in rows), 1)}
 
 
@@ -141,7 +139,7 @@ def markdown_table(result: dict, deploy_format: str, latency_column: str,
     for r in result["runs"]:
         if r["status"] != "completed":
             # the reason fills the accuracy cell; the eleven cells after it stay empty
-            lines.append(f"| {r['technique']} | skipped: {r['reason']} |" + "|" * 11)
+            lines.append(f"| {r['technique']} | {r['status']}: {r['reason']} |" + "|" * 11)
             continue
         target = (("met: " if r["target_met"] else "**missed**: ") + r["target"]) if "target" in r else ""
         lines.append(

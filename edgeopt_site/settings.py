@@ -10,6 +10,13 @@ with ImproperlyConfigured instead of running with a silent default.
     EDGEOPT_MAX_DATASET_MB         the most an uploaded .npz may declare unpacked (default 1024)
     EDGEOPT_TASK_TIMEOUT           seconds one experiment may run in the worker (default 3600)
     EDGEOPT_MAX_ATTEMPTS           runs of one experiment before it is marked failed (default 2)
+    EDGEOPT_STALE_AFTER_S          a running experiment silent this long is re-queued (default 90)
+    EDGEOPT_BROKER                 orm|redis: where django-q2 queues tasks (default orm: the database)
+    EDGEOPT_WORKERS                worker processes per qcluster (default 1)
+    CHANNEL_LAYER                  memory|redis: how progress reaches WebSockets (default memory)
+    REDIS_URL                      redis://host:port/db for the two above (default redis://127.0.0.1:6379/0)
+    EDGEOPT_PROGRESS_POLL_MS       how often a WebSocket re-reads progress; 0: only pushes
+                                   (default 250 with CHANNEL_LAYER=memory, 5000 with redis)
     EDGEOPT_ALLOW_SIGNUP           true|false: anyone who reaches the server may make an account (default true)
     EDGEOPT_MAX_ACTIVE_PER_USER    queued + running experiments one user may have (default 2)
     EDGEOPT_MAX_STORAGE_MB_PER_USER  stored files one user may have (default 2048)
@@ -52,6 +59,19 @@ def envint(name: str, default: str, minimum: int = 0) -> int:
     if number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
     return number
+
+
+def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.getenv(name, default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {'/'.join(choices)}, not {value!r}")
+    return value
+
+
+def redis_url(url: str) -> str:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(f"REDIS_URL must start with redis://, rediss:// or unix://, not {url!r}")
+    return url
 
 
 def envlist(name: str, default: str) -> list[str]:
@@ -99,6 +119,9 @@ def database_config(url: str, base_dir: Path) -> dict:
         config["TEST"] = {"NAME": str(base_dir / f"test_db_{os.getpid()}.sqlite3")}
     elif engine == "django.db.backends.postgresql":
         config.setdefault("OPTIONS", {})
+        # A worker holds its connection for a whole run: after a PostgreSQL restart it is checked
+        # and replaced instead of failing (the sink also retries a write once, see sink.py).
+        config["CONN_HEALTH_CHECKS"] = True
     else:
         raise ImproperlyConfigured(
             f"DATABASE_URL uses {engine or 'an unknown engine'}; use sqlite:///path or postgres://..."
@@ -179,9 +202,21 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# The default needs no extra server. It does not cross processes, so progress from the
-# worker reaches the browser through the experiment_progress row (see consumers.py).
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Scale-out (docs/architecture.md, "Running on several machines"): the default needs no
+# server beyond the database; redis for either lets several machines share the work.
+EDGEOPT_BROKER = envchoice("EDGEOPT_BROKER", "orm", ("orm", "redis"))
+CHANNEL_LAYER = envchoice("CHANNEL_LAYER", "memory", ("memory", "redis"))
+REDIS_URL = redis_url(os.getenv("REDIS_URL", "redis://127.0.0.1:6379/0").strip())
+EDGEOPT_WORKERS = envint("EDGEOPT_WORKERS", "1", minimum=1)
+
+# memory does not cross processes, so progress from the worker reaches the browser through the
+# experiment_progress row, polled (see consumers.py); redis pushes it to every web process.
+if CHANNEL_LAYER == "redis":
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                  "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+EDGEOPT_PROGRESS_POLL_MS = envint("EDGEOPT_PROGRESS_POLL_MS", "5000" if CHANNEL_LAYER == "redis" else "250")
 
 EDGEOPT_STORAGE_ROOT = Path(os.getenv("EDGEOPT_STORAGE_ROOT", str(BASE_DIR))).resolve()
 EDGEOPT_MAX_UPLOAD_MB = envint("EDGEOPT_MAX_UPLOAD_MB", "200", minimum=1)
@@ -189,6 +224,7 @@ EDGEOPT_MAX_UPLOAD_MB = envint("EDGEOPT_MAX_UPLOAD_MB", "200", minimum=1)
 EDGEOPT_MAX_DATASET_MB = envint("EDGEOPT_MAX_DATASET_MB", "1024", minimum=1)
 EDGEOPT_TASK_TIMEOUT = envint("EDGEOPT_TASK_TIMEOUT", "3600", minimum=1)
 EDGEOPT_MAX_ATTEMPTS = envint("EDGEOPT_MAX_ATTEMPTS", "2", minimum=1)
+EDGEOPT_STALE_AFTER_S = envint("EDGEOPT_STALE_AFTER_S", "90", minimum=2)
 
 # Accounts: pages need a login, the API a session or an API token (experiments/auth.py).
 LOGIN_URL = "login"
@@ -220,12 +256,14 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 Q_CLUSTER = {
     "name": "edgeopt",
     "label": "EdgeOpt tasks",
-    "orm": "default",
-    # One experiment at a time: each one uses every core it gets.
-    "workers": 1,
+    **({"redis": REDIS_URL} if EDGEOPT_BROKER == "redis" else {"orm": "default"}),
+    # Default one experiment at a time: each one uses every core it gets.
+    "workers": EDGEOPT_WORKERS,
+    # Fetch no more tasks ahead than there are workers, so idle machines get the rest.
+    "queue_limit": EDGEOPT_WORKERS,
     "timeout": EDGEOPT_TASK_TIMEOUT,
-    # The ORM broker hands a claimed task out again after `retry` seconds; shorter than
-    # `timeout` would run a long experiment twice.
+    # The ORM broker hands a task out again after `retry` seconds. The reconciler re-queues a
+    # dead worker's experiment long before, and the claim keeps a late copy from running it twice.
     "retry": EDGEOPT_TASK_TIMEOUT + 600,
     # Our task counts its own attempts (a worker that died is not counted by django-q2).
     "max_attempts": 1,
@@ -242,7 +280,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(os.getenv("STATIC_ROOT", str(BASE_DIR / "staticfiles")))  # collectstatic writes here
 
 LOGGING = {
     "version": 1,

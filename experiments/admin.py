@@ -1,7 +1,10 @@
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q
-from django.urls import reverse
+from django.shortcuts import get_object_or_404, redirect
+from django.urls import path, reverse
 from django.utils.html import format_html
+from django.views.decorators.http import require_POST
 
 from . import services
 from .models import (ApiToken, Experiment, ExperimentProgress, InvalidTransition, ModelFile, OptimizationRun,
@@ -30,13 +33,38 @@ class ModelFileInline(admin.TabularInline):
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ("id", "name", "owner", "framework", "target_device", "dataset", "goal", "status", "attempts",
                     "created_at", "finished_at", "results_link")
-    list_filter = ("status", "framework", "target_device", "goal")
+    list_filter = ("status", "framework", "target_device", "goal", "plan")
     search_fields = ("name", "dataset", "error", "owner__username")
     raw_id_fields = ("owner",)
-    readonly_fields = ("status", "stop_requested", "attempts", "error", "baseline", "analysis",
-                       "created_at", "started_at", "finished_at")
+    readonly_fields = ("status", "stop_requested", "attempts", "heartbeat_at", "worker_token", "error", "baseline",
+                       "analysis", "created_at", "started_at", "finished_at")
     inlines = [OptimizationRunInline, ModelFileInline]
     actions = ["stop_experiments"]
+
+    def has_change_permission(self, request, obj=None):
+        # A finished run is a record, and a queued or running one is the worker's (a save from
+        # the form would write back the status and heartbeat it was loaded with): view only.
+        # Its page offers Stop instead (change_form.html).
+        if obj is not None and (obj.is_finished or obj.is_active):
+            return False
+        return super().has_change_permission(request, obj)
+
+    def get_urls(self):
+        stop = self.admin_site.admin_view(require_POST(self.stop_view))
+        return [path("<int:experiment_id>/stop/", stop, name="experiments_experiment_stop"), *super().get_urls()]
+
+    def stop_view(self, request, experiment_id: int):
+        """The Stop button of a queued or running experiment's page."""
+        experiment = get_object_or_404(self.get_queryset(request), pk=experiment_id)
+        if not self.has_change_permission(request):  # the model-wide right: this row is view only
+            raise PermissionDenied
+        try:
+            outcome = experiment.request_stop()
+        except InvalidTransition as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+        else:
+            self.message_user(request, f"{experiment}: {outcome}", messages.SUCCESS)
+        return redirect("admin:experiments_experiment_change", experiment.pk)
 
     def get_queryset(self, request):
         """Through the one scoping rule; staff (the only users the admin lets in) see all.

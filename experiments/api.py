@@ -16,6 +16,7 @@ from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooMany
 from django.http import FileResponse, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from optimization import catalog
 from optimization.base import TECHNIQUES
 
 from . import auth, services, storage
@@ -140,6 +141,8 @@ def _check_json_types(body: dict, fields) -> None:
                 raise services.ServiceError(f"{name} must be a list of names, e.g. [\"ptq_int8\", \"qat\"]")
         elif isinstance(field, (forms.CharField, forms.ChoiceField)) and not isinstance(value, str):
             raise services.ServiceError(f"{name} must be a string, not {type(value).__name__}")
+        elif isinstance(field, forms.FloatField) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise services.ServiceError(f"{name} must be a number, not {type(value).__name__}")
 
 
 def _get_experiment_for_user(request, experiment_id: int) -> Experiment:
@@ -181,6 +184,16 @@ def not_found(request, exception=None):
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
+
+
+@api_view("GET")
+def catalog_view(request):
+    """What the form is built from: techniques and their typed options, constraints, goals,
+    devices, plans, file suffixes and the result vocabulary (`?framework=` flattens options)."""
+    try:
+        return JsonResponse(catalog.as_dict(request.GET.get("framework") or None))
+    except catalog.OptionError as exc:
+        return error(str(exc))
 
 
 @api_view("GET")
@@ -297,3 +310,16 @@ def experiment_download(request, experiment_id: int, technique: str):
         return error(f"the {technique} file is missing from storage", 404)
     filename = f"{storage.upload_stem(experiment.pk, experiment.name)}_{technique}.{stored.format}"
     return FileResponse(open(path, "rb"), as_attachment=True, filename=filename)
+
+
+@api_view("GET")
+def experiment_bundle(request, experiment_id: int, technique: str):
+    """A zip to deploy and re-measure one result on the board (see experiments/bundle.py)."""
+    from .bundle import BundleError, build_bundle
+
+    experiment = _get_experiment_for_user(request, experiment_id)
+    try:
+        bundle, filename = build_bundle(experiment, technique)
+    except BundleError as exc:
+        return error(exc.message, exc.status)
+    return FileResponse(bundle, as_attachment=True, filename=filename, content_type="application/zip")

@@ -6,17 +6,14 @@ import math
 
 from django import forms
 
-from optimization.base import TECHNIQUES
-from optimization.recommender import CONSTRAINT_NAMES
+from optimization import catalog
+from optimization.catalog import CONSTRAINT_NAMES, FINE_TUNING_TECHNIQUES, MAX_EPOCHS, TECHNIQUES
 
 from . import storage
-from .models import FRAMEWORK_CHOICES, GOALS, TARGET_DEVICES, TECHNIQUE_CHOICES
+from .models import FRAMEWORK_CHOICES, GOALS, PLAN_CHOICES, TARGET_DEVICES, TECHNIQUE_CHOICES
 from .services import UPLOAD_KINDS, ServiceError, parse_input_shape
 
-# Techniques that fine-tune, so an epochs budget means something to them.
-FINE_TUNING_TECHNIQUES = ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
 CONFIG_KEYS = {"input_shape", "architecture", "preprocessing", "techniques", "seed"}
-MAX_EPOCHS = 100
 
 
 def validate_constraints(value) -> dict:
@@ -39,8 +36,9 @@ def validate_constraints(value) -> dict:
 
 
 def validate_config(value) -> dict:
-    """input_shape, architecture, preprocessing, seed and per-technique budgets, e.g.
-    {"techniques": {"qat": {"epochs": 2}}}."""
+    """input_shape, architecture, preprocessing, seed and per-technique options, e.g.
+    {"techniques": {"qat": {"epochs": 2}}} (their names and values are checked against the
+    catalog once the framework is known: `checked_options`)."""
     if value in (None, ""):
         return {}
     if not isinstance(value, dict):
@@ -64,13 +62,27 @@ def validate_config(value) -> dict:
     if not isinstance(budgets, dict) or not all(isinstance(b, dict) for b in budgets.values()):
         raise forms.ValidationError('config.techniques must map a technique to its options, e.g. {"qat": {"epochs": 2}}')
     if unknown := set(budgets) - set(TECHNIQUES):
-        raise forms.ValidationError(f"config.techniques names unknown techniques {sorted(unknown)}")
-    for name, options in budgets.items():
-        epochs = options.get("epochs")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
-                                   or not 0 <= epochs <= MAX_EPOCHS):
-            raise forms.ValidationError(f"{name}.epochs must be an integer from 0 to {MAX_EPOCHS}")
+        raise forms.ValidationError(f"config.techniques names unknown techniques {sorted(unknown)}; "
+                                    f"the techniques are {', '.join(TECHNIQUES)}")
     return cleaned
+
+
+def checked_options(framework: str, config: dict, options: dict | None) -> dict:
+    """`config` with `options` ({technique: {option: value}}) merged over its "techniques",
+    every name and value checked against the catalog for `framework`."""
+    merged = {name: dict(values) for name, values in (config.get("techniques") or {}).items()}
+    if options is not None and not isinstance(options, dict):
+        raise forms.ValidationError('options must map a technique to its options, e.g. '
+                                    '{"prune_structured": {"pruning_ratio": 0.3}}')
+    for name, values in (options or {}).items():
+        if not isinstance(values, dict):
+            raise forms.ValidationError(f"options.{name} must be an object of option values")
+        merged[name] = {**merged.get(name, {}), **values}
+    try:
+        merged = catalog.validate_all_options(framework, merged)
+    except catalog.OptionError as exc:
+        raise forms.ValidationError(str(exc)) from None
+    return {**config, "techniques": merged} if merged else config
 
 
 class ExperimentForm(forms.Form):
@@ -87,6 +99,12 @@ class ExperimentForm(forms.Form):
     pretrained_model = forms.CharField(max_length=100, required=False)
     constraints = forms.JSONField(required=False)
     config = forms.JSONField(required=False)
+    options = forms.JSONField(required=False, help_text="per technique, names from GET /api/catalog")
+    plan = forms.ChoiceField(choices=PLAN_CHOICES, required=False)
+    time_budget_s = forms.FloatField(required=False, min_value=1, max_value=catalog.MAX_TIME_BUDGET_S,
+                                     label="time budget (s)",
+                                     help_text="no technique starts whose estimate cannot finish within it")
+    default_plan = catalog.API_DEFAULT_PLAN
 
     def clean_name(self):
         return self.cleaned_data["name"].strip()
@@ -99,7 +117,10 @@ class ExperimentForm(forms.Form):
         return name
 
     def clean_goal(self):
-        return self.cleaned_data["goal"] or "balanced"
+        return self.cleaned_data["goal"] or catalog.DEFAULT_GOAL
+
+    def clean_plan(self):
+        return self.cleaned_data["plan"] or self.default_plan
 
     def clean_techniques(self):
         chosen = set(self.cleaned_data["techniques"])
@@ -123,6 +144,14 @@ class ExperimentForm(forms.Form):
                     "run `python manage.py seed_demo` to add the demo models"))
             else:
                 cleaned["pretrained_path"] = found[name]
+        if framework and "config" in cleaned:
+            # config.techniques first, then the options on top: each error names its own field
+            for field_name, options in (("config", None), ("options", cleaned.get("options"))):
+                try:
+                    cleaned["config"] = checked_options(framework, cleaned["config"], options)
+                except forms.ValidationError as exc:
+                    self.add_error(field_name, exc)
+                    break
         return cleaned
 
 
@@ -141,6 +170,8 @@ class SetupForm(ExperimentForm):
 
     constraints = None
     config = None
+    options = None
+    default_plan = catalog.PAGE_DEFAULT_PLAN
     pretrained_model = forms.ChoiceField(required=False, label="Model")
     model_file = forms.FileField(required=False, label="or upload a model")
     input_shape = forms.CharField(max_length=50, required=False, help_text="one sample, e.g. 1,8,8 (if the file does not say)")
@@ -163,6 +194,13 @@ class SetupForm(ExperimentForm):
         self.fields["pretrained_model"].choices = [("", "— upload my own —")] + [(n, n) for n in names]
         self.fields["dataset"].choices = [(n, n) for n in storage.list_presets()] + [("custom", "custom (upload)")]
         self.fields["techniques"].initial = list(TECHNIQUES)
+        self.fields["plan"].initial = catalog.PAGE_DEFAULT_PLAN
+        # Numbers as text: a browser turns what <input type=number> cannot hold (1e400) into an
+        # empty value and the post would silently drop it; here the server sees it and says so.
+        for field in self.fields.values():
+            if isinstance(field, (forms.FloatField, forms.IntegerField)):
+                field.widget = forms.TextInput(attrs={"inputmode": "decimal", "autocomplete": "off"})
+                field.error_messages["invalid"] = "enter a finite number, like 2.5"
 
     def clean(self):
         cleaned = super().clean()
@@ -180,4 +218,10 @@ class SetupForm(ExperimentForm):
             cleaned["config"] = validate_config(config)
         except forms.ValidationError as exc:
             self.add_error("input_shape", exc)
+            return cleaned
+        if cleaned.get("framework"):
+            try:
+                cleaned["config"] = checked_options(cleaned["framework"], cleaned["config"], None)
+            except forms.ValidationError as exc:
+                self.add_error("epochs", exc)
         return cleaned

@@ -11,25 +11,14 @@ from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from optimization.base import FRAMEWORKS, TECHNIQUES
+from optimization import catalog
 
-FRAMEWORK_CHOICES = [(name, {"pytorch": "PyTorch", "tensorflow": "TensorFlow / Keras"}[name]) for name in FRAMEWORKS]
-TECHNIQUE_CHOICES = [(name, name) for name in TECHNIQUES]
-TARGET_DEVICES = [
-    ("rpi4", "Raspberry Pi 4"),
-    ("rpi5", "Raspberry Pi 5"),
-    ("rpi3b_plus", "Raspberry Pi 3B+"),
-    ("rpi_zero2w", "Raspberry Pi Zero 2 W"),
-    ("jetson_nano", "Jetson Nano (CPU)"),
-    ("host", "This machine"),
-]
-GOALS = [
-    ("balanced", "Balanced"),
-    ("min_size", "Smallest model"),
-    ("min_latency", "Fastest"),
-    ("max_accuracy", "Most accurate"),
-    ("min_energy", "Least energy"),
-]
+# Choices come from the catalog, the one list the engine, the API and the pages share.
+FRAMEWORK_CHOICES = [(name, catalog.FRAMEWORK_LABELS[name]) for name in catalog.FRAMEWORKS]
+TECHNIQUE_CHOICES = [(t.name, t.label) for t in catalog.TECHNIQUE_LIST]
+TARGET_DEVICES = [(name, device["label"]) for name, device in catalog.DEVICES.items()]
+GOALS = [(goal.name, goal.label) for goal in catalog.GOAL_LIST]
+PLAN_CHOICES = [(name, label) for name, (label, _) in catalog.PLANS.items()]
 
 
 STATUS_MESSAGES = {
@@ -42,7 +31,7 @@ STATUS_MESSAGES = {
 
 
 def default_techniques() -> list[str]:
-    return list(TECHNIQUES)
+    return list(catalog.TECHNIQUES)
 
 
 class InvalidTransition(Exception):
@@ -56,6 +45,7 @@ class Experiment(models.Model):
 
         created  --attach_model()-->  ready
         ready | completed | failed | stopped  --enqueue()-->  queued      (old runs cleared)
+        failed | stopped  --enqueue(resume=True)-->  queued                (finished runs kept)
         queued   --mark_running()-->  running                             (the worker took it)
         running  --mark_running()-->  running                             (a retried attempt)
         queued   --request_stop()-->  stopped                             (never started)
@@ -64,7 +54,9 @@ class Experiment(models.Model):
         queued   --finish("failed")--> failed                             (gave up before running)
 
     `attempts` counts how often the worker task started this run; django-q2 does not count
-    a worker that died, so the task does (see tasks.run_experiment).
+    a worker that died, so the task does (see tasks.run_experiment). While active, the attempt
+    that owns the run holds `worker_token` and keeps `heartbeat_at` fresh (queued: the time it
+    was queued); experiments/attempts.py claims, hands back and re-queues through them.
     """
 
     class Status(models.TextChoices):
@@ -77,6 +69,7 @@ class Experiment(models.Model):
         STOPPED = "stopped"
 
     STARTABLE = (Status.READY, Status.COMPLETED, Status.FAILED, Status.STOPPED)
+    RESUMABLE = (Status.FAILED, Status.STOPPED)
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.STOPPED)
 
@@ -87,15 +80,20 @@ class Experiment(models.Model):
     framework = models.CharField(max_length=20, choices=FRAMEWORK_CHOICES)
     target_device = models.CharField(max_length=30, choices=TARGET_DEVICES)
     dataset = models.CharField(max_length=100, help_text='A preset name, or "custom" for an uploaded dataset.')
-    goal = models.CharField(max_length=20, choices=GOALS, default="balanced")
+    goal = models.CharField(max_length=20, choices=GOALS, default=catalog.DEFAULT_GOAL)
     constraints = models.JSONField(default=dict, blank=True)
     techniques = models.JSONField(default=default_techniques)
     config = models.JSONField(
         default=dict, blank=True, help_text="input_shape, architecture, preprocessing, per-technique budgets"
     )
+    plan = models.CharField(max_length=10, choices=PLAN_CHOICES, default=catalog.API_DEFAULT_PLAN,
+                            help_text="budget: cheapest first, skip what cannot win or cannot finish in time")
+    time_budget_s = models.FloatField(null=True, blank=True, help_text="no technique starts that cannot finish within it")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.CREATED, db_index=True)
     stop_requested = models.BooleanField(default=False)
     attempts = models.PositiveIntegerField(default=0)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="last sign of life of the run")
+    worker_token = models.CharField(max_length=32, blank=True, help_text="the attempt that owns the run")
     error = models.TextField(blank=True)
     baseline = models.JSONField(null=True, blank=True)
     analysis = models.JSONField(null=True, blank=True)
@@ -146,25 +144,39 @@ class Experiment(models.Model):
     def attach_model(self) -> None:
         self._move((self.Status.CREATED, self.Status.READY, *self.FINISHED), self.Status.READY, "attach a model to")
 
-    def enqueue(self) -> None:
-        """Queue a run: clear the previous one, then hand the task to django-q2 once the
-        transaction commits (the worker must find the queued row)."""
-        self._require(self.STARTABLE, "start")
-        self.runs.all().delete()
+    def enqueue(self, resume: bool = False) -> None:
+        """Queue a run, then hand the task to django-q2 once the transaction commits (the
+        worker must find the queued row). A fresh run clears the previous one; `resume` (of
+        a stopped or failed experiment) keeps the techniques that finished, completed, failed
+        or skipped, and runs the rest (see tasks.run_experiment: finished runs are skipped)."""
+        if resume:
+            self._require(self.RESUMABLE, "resume")
+            unfinished = self.runs.exclude(status__in=OptimizationRun.FINISHED)
+            for stored in self.files.filter(role=ModelFile.Role.OPTIMIZED,
+                                            technique__in=unfinished.values("technique")):
+                stored.delete_with_file()
+            unfinished.delete()
+        else:
+            self._require(self.STARTABLE, "start")
+            self.runs.all().delete()
         Recommendation.objects.filter(experiment=self).delete()
         from . import storage
 
-        for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
-            stored.delete_with_file()
-        # Left-overs of the last run are overwritten by the next one anyway.
-        storage.remove_tree(storage.optimized_dir(self.pk), ignore_errors=True)
+        if not resume:
+            for stored in self.files.filter(role__in=(ModelFile.Role.OPTIMIZED, ModelFile.Role.BASELINE)):
+                stored.delete_with_file()
+            # Left-overs of the last run are overwritten by the next one anyway.
+            storage.remove_tree(storage.optimized_dir(self.pk), ignore_errors=True)
         self._move(
-            self.STARTABLE, self.Status.QUEUED, "start",
+            self.RESUMABLE if resume else self.STARTABLE, self.Status.QUEUED, "resume" if resume else "start",
             progress={
                 "technique": "", "technique_index": 0, "technique_count": len(self.techniques),
                 "technique_progress": 0.0, "overall_progress": 0.0, "eta_seconds": None, "metrics": {},
+                "steps": [],
             },
-            stop_requested=False, attempts=0, error="", baseline=None, started_at=None, finished_at=None,
+            stop_requested=False, attempts=0, error="", started_at=None, finished_at=None,
+            heartbeat_at=timezone.now(), worker_token="",
+            **({} if resume else {"baseline": None}),
         )
         experiment_id = self.pk
         transaction.on_commit(lambda: _enqueue_run(experiment_id))
@@ -212,6 +224,9 @@ class Experiment(models.Model):
             "constraints": self.constraints,
             "techniques": self.techniques,
             "config": self.config,
+            "options": self.config.get("techniques", {}),
+            "plan": self.plan,
+            "time_budget_s": self.time_budget_s,
             "status": self.status,
             "stop_requested": self.stop_requested,
             "attempts": self.attempts,
@@ -227,10 +242,15 @@ class Experiment(models.Model):
         }
 
 
+def run_task_name(experiment_id: int) -> str:
+    """The django-q2 task name of an experiment's run (the reconciler looks for it in the broker)."""
+    return f"experiment-{experiment_id}"
+
+
 def _enqueue_run(experiment_id: int) -> None:
     from django_q.tasks import async_task
 
-    async_task("experiments.tasks.run_experiment", experiment_id, task_name=f"experiment-{experiment_id}")
+    async_task("experiments.tasks.run_experiment", experiment_id, task_name=run_task_name(experiment_id))
 
 
 def _iso(value) -> str | None:
@@ -406,7 +426,7 @@ class ExperimentProgress(models.Model):
 
     PROGRESS_FIELDS = (
         "status", "technique", "technique_index", "technique_count", "technique_progress",
-        "overall_progress", "eta_seconds", "message", "metrics",
+        "overall_progress", "eta_seconds", "message", "metrics", "steps",
     )
 
     experiment = models.OneToOneField(Experiment, on_delete=models.CASCADE, related_name="progress")
@@ -419,6 +439,7 @@ class ExperimentProgress(models.Model):
     eta_seconds = models.FloatField(null=True, blank=True)
     message = models.TextField(blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    steps = models.JSONField(default=list, blank=True, help_text="the planned steps: [{technique, estimate_s}], the baseline first")
     seq = models.PositiveBigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -448,11 +469,19 @@ class ExperimentProgress(models.Model):
     def is_finished(self) -> bool:
         return self.status in Experiment.FINISHED
 
+    def worker_silent_s(self) -> int | None:
+        """Seconds the worker has shown no sign of life, when it looks gone (attempts.py)."""
+        from .attempts import worker_silence_s
+
+        experiment = self.experiment
+        return worker_silence_s(experiment.status, experiment.heartbeat_at, experiment.started_at)
+
     def to_message(self) -> dict:
         """The WebSocket payload: "progress" while queued or running, "status" once final."""
         return {
             "type": "progress" if self.status in Experiment.ACTIVE else "status",
             **{name: getattr(self, name) for name in self.PROGRESS_FIELDS},
+            "worker_silent_s": self.worker_silent_s() if self.status in Experiment.ACTIVE else None,
             "seq": self.seq,
             "updated_at": _iso(self.updated_at),
         }

@@ -19,8 +19,9 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Sum
 
+from optimization import catalog
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
-from optimization.datasets import IMAGE_SUFFIXES
+from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
 from optimization.safety.archives import check_zip_archive
 from optimization.safety.images import check_zipped_images
 from optimization.safety.savedmodel_check import check_saved_model_ops
@@ -106,7 +107,7 @@ class CheckedUpload:
 
 
 def allowed_suffixes(framework: str, kind: str) -> tuple[str, ...]:
-    return storage.MODEL_SUFFIXES[framework] if kind == "model" else storage.DATASET_SUFFIXES
+    return MODEL_SUFFIXES[framework] if kind == "model" else DATASET_SUFFIXES
 
 
 def check_upload(framework: str, uploaded, kind: str = "model", input_shape: str = "",
@@ -387,6 +388,8 @@ def create_experiment(data: dict, *, owner) -> Experiment:
         constraints=data.get("constraints") or {},
         techniques=data.get("techniques") or list(TECHNIQUES),
         config=data.get("config") or {},
+        plan=data.get("plan") or catalog.API_DEFAULT_PLAN,
+        time_budget_s=data.get("time_budget_s"),
     )
     ExperimentProgress.objects.create(
         experiment=experiment, status=experiment.status, technique_count=len(experiment.techniques)
@@ -497,3 +500,52 @@ def check_storage_quota(owner, incoming_bytes: int, replacing=()) -> None:
             f"this upload ({incoming_bytes / 2**20:.1f} MB) would take your stored files to "
             f"{(used + incoming_bytes) / 2**20:.1f} MB, over your {settings.EDGEOPT_MAX_STORAGE_MB_PER_USER} MB; "
             "delete experiments you no longer need, then upload again", 413, field="file")
+
+
+def resume_experiment(experiment: Experiment) -> None:
+    """Run what a stopped or failed experiment did not finish; finished runs are kept."""
+    with transaction.atomic():
+        check_active_quota(experiment)
+        try:
+            experiment.enqueue(resume=True)
+        except InvalidTransition as exc:
+            raise ServiceError(str(exc), 409) from None
+
+
+def clone_experiment(experiment: Experiment) -> Experiment:
+    """A new experiment with the same settings and its own copy of the model and dataset
+    files (a pretrained model is shared, as it is never deleted), ready to start."""
+    if experiment.source_model() is None:
+        raise ServiceError("the experiment has no model to run again", 409)
+    sources = list(experiment.files.filter(role__in=(ModelFile.Role.UPLOAD, ModelFile.Role.PRETRAINED,
+                                                     ModelFile.Role.DATASET)))
+    check_storage_quota(experiment.owner, sum(f.size_bytes for f in sources if f.role != ModelFile.Role.PRETRAINED))
+    with transaction.atomic(), storage_failures_as_service_errors():
+        clone = Experiment.objects.create(
+            owner=experiment.owner, name=experiment.name, framework=experiment.framework, target_device=experiment.target_device,
+            dataset=experiment.dataset, goal=experiment.goal, constraints=experiment.constraints,
+            techniques=experiment.techniques, config=experiment.config, plan=experiment.plan,
+            time_budget_s=experiment.time_budget_s)
+        ExperimentProgress.objects.create(experiment=clone, status=clone.status,
+                                          technique_count=len(clone.techniques))
+        copied = []
+        try:
+            for stored in sources:
+                path = stored.path
+                if stored.role != ModelFile.Role.PRETRAINED:
+                    stem = storage.upload_stem(clone.pk, clone.name)
+                    final = (storage.custom_model_path(clone.framework, stem, f".{stored.format}")
+                             if stored.role == ModelFile.Role.UPLOAD
+                             else storage.custom_dataset_path(clone.framework, stem, f".{stored.format}"))
+                    with open(stored.absolute_path(), "rb") as source:
+                        storage.atomic_write(final, iter(lambda: source.read(CHUNK), b""), action="copy the model")
+                    path = storage.relative(final)
+                    copied.append(path)
+                ModelFile.objects.create(experiment=clone, role=stored.role, kind=stored.kind, format=stored.format,
+                                         path=path, size_bytes=stored.size_bytes, sha256=stored.sha256)
+        except BaseException:
+            for path in copied:  # the rows roll back: no copy may stay in storage unrecorded
+                storage.remove_file(path)
+            raise
+        clone.attach_model()
+    return clone

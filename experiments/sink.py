@@ -2,6 +2,7 @@
 optimization.orchestrator.ExperimentSink). Runs in the worker process."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -9,10 +10,10 @@ from pathlib import Path
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from . import storage
+from . import attempts, cluster, storage
 from .models import Experiment, ExperimentProgress, ModelFile, OptimizationRun, Recommendation
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,30 @@ def jsonable(value):
     return str(value)
 
 
+def retry_after_reconnect(write):
+    """Run a database write; when the connection broke (PostgreSQL restarted, the backend was
+    terminated), reconnect and run it once more. Each wrapped write is whole on its own (one
+    statement or one transaction), so running it again is safe. If that fails too, the
+    database is away for longer: DatabaseUnavailable ends the attempt without recording
+    anything as failed, and the reconciler re-queues the run once the database is back."""
+
+    @functools.wraps(write)
+    def wrapper(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except (OperationalError, InterfaceError):
+            if connection.in_atomic_block:
+                raise  # the enclosing transaction is lost anyway: its owner retries
+            logger.warning("database connection lost in %s; reconnecting", write.__name__, exc_info=True)
+            connection.close()
+        try:
+            return write(*args, **kwargs)
+        except (OperationalError, InterfaceError) as exc:
+            raise attempts.DatabaseUnavailable(f"the database is unavailable: {exc}") from exc
+
+    return wrapper
+
+
 def group_name(experiment_id: int) -> str:
     return f"experiment_{experiment_id}"
 
@@ -53,13 +78,19 @@ def notify(experiment_id: int) -> None:
 
 
 class DjangoSink:
+    """Writes for one attempt, the owner of `token` (experiments.attempts): every write checks
+    the token, and LostOwnership ends an attempt whose experiment was given to another."""
+
     min_write_interval = 0.1  # at most ~10 progress writes a second
     stop_check_interval = 0.3
 
-    def __init__(self, experiment: Experiment):
+    def __init__(self, experiment: Experiment, token: str, heartbeat: attempts.HeartbeatThread | None = None):
         self.experiment = experiment
+        self.token = token
+        self.heartbeat = heartbeat
         self.output_dir = storage.optimized_dir(experiment.pk)
         self._last_write = 0.0
+        self._last_beat = 0.0
         self._last_technique: str | None = None
         self._pending: dict | None = None
         self._last_stop_check = 0.0
@@ -82,8 +113,13 @@ class DjangoSink:
             return
         self._write(fields)
 
+    @retry_after_reconnect
     def _write(self, fields: dict) -> None:
-        self._last_write, self._pending = time.monotonic(), None
+        now = time.monotonic()
+        if now - self._last_beat >= attempts.heartbeat_interval():
+            attempts.beat(self.experiment.pk, self.token)
+            self._last_beat = now
+        self._last_write, self._pending = now, None
         self._last_technique = fields.get("technique", self._last_technique)
         ExperimentProgress.publish(self.experiment, **fields)
         notify(self.experiment.pk)
@@ -93,36 +129,59 @@ class DjangoSink:
         self._write(self._pending or {})
 
     def should_stop(self) -> bool:
+        """The orchestrator asks at every progress call. A user's stop answers True; a stopping
+        qcluster raises WorkerShuttingDown and a lost run LostOwnership, which end the attempt
+        without recording the technique as stopped."""
+        if cluster.stopping():
+            raise attempts.WorkerShuttingDown("the worker is shutting down")
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            raise attempts.LostOwnership(f"experiment {self.experiment.pk} is no longer this attempt's")
         now = time.monotonic()
         if not self._stop and now - self._last_stop_check >= self.stop_check_interval:
             self._last_stop_check = now
-            self._stop = Experiment.objects.filter(pk=self.experiment.pk, stop_requested=True).exists()
+            self._stop = self._read_stop_request()
         return self._stop
+
+    @retry_after_reconnect
+    def _read_stop_request(self) -> bool:
+        row = Experiment.objects.filter(pk=self.experiment.pk).values("stop_requested", "worker_token").first()
+        if row is None or row["worker_token"] != self.token:
+            raise attempts.LostOwnership(f"experiment {self.experiment.pk} is no longer this attempt's")
+        return row["stop_requested"]
 
     # -- results ---------------------------------------------------------------------------
 
+    @retry_after_reconnect
     def analysis(self, analysis: dict) -> None:
         if analysis.get("error"):  # "analysis failed: ..." may name the deploy file's folder
             analysis = {**analysis, "error": storage.public_error(analysis["error"])}
-        Experiment.objects.filter(pk=self.experiment.pk).update(analysis=jsonable(analysis))
+        with transaction.atomic():
+            attempts.beat(self.experiment.pk, self.token)
+            Experiment.objects.filter(pk=self.experiment.pk).update(analysis=jsonable(analysis))
 
+    @retry_after_reconnect
     def baseline(self, metrics: dict) -> None:
         metrics = dict(metrics)
         artifacts = metrics.pop("artifacts", None) or {}
         with transaction.atomic():
+            attempts.beat(self.experiment.pk, self.token)
             Experiment.objects.filter(pk=self.experiment.pk).update(baseline=jsonable(metrics))
             self.experiment.files.filter(role=ModelFile.Role.BASELINE).delete()
             self._record_artifacts(ModelFile.Role.BASELINE, None, artifacts)
         self._touch()
 
+    @retry_after_reconnect
     def run_started(self, technique: str) -> None:
-        OptimizationRun.objects.update_or_create(
-            experiment=self.experiment, technique=technique,
-            defaults={"status": OptimizationRun.Status.RUNNING, "started_at": timezone.now(),
-                      "finished_at": None, "error": ""},
-        )
+        with transaction.atomic():
+            attempts.beat(self.experiment.pk, self.token)
+            OptimizationRun.objects.update_or_create(
+                experiment=self.experiment, technique=technique,
+                defaults={"status": OptimizationRun.Status.RUNNING, "started_at": timezone.now(),
+                          "finished_at": None, "error": ""},
+            )
         self._touch()
 
+    @retry_after_reconnect
     def run_finished(self, technique: str, run: dict) -> None:
         run = dict(run)
         artifacts = run.pop("artifacts", None) or {}
@@ -130,6 +189,7 @@ class DjangoSink:
         for name in ("estimates", "constraints_met", "details"):
             fields[name] = fields[name] or {}
         with transaction.atomic():
+            attempts.beat(self.experiment.pk, self.token)
             OptimizationRun.objects.update_or_create(
                 experiment=self.experiment, technique=technique,
                 defaults={**fields, "status": run.get("status") or OptimizationRun.Status.COMPLETED,
@@ -139,15 +199,19 @@ class DjangoSink:
             self._record_artifacts(ModelFile.Role.OPTIMIZED, technique, artifacts)
         self._touch()
 
+    @retry_after_reconnect
     def recommendation(self, rec: dict) -> None:
         rec = jsonable(rec)
-        Recommendation.objects.update_or_create(
-            experiment=self.experiment,
-            defaults={"technique": rec.get("technique") or "", "reasoning": rec.get("reasoning") or "",
-                      "satisfied": bool(rec.get("satisfied")), "ranking": rec.get("ranking") or []},
-        )
+        with transaction.atomic():
+            attempts.beat(self.experiment.pk, self.token)
+            Recommendation.objects.update_or_create(
+                experiment=self.experiment,
+                defaults={"technique": rec.get("technique") or "", "reasoning": rec.get("reasoning") or "",
+                          "satisfied": bool(rec.get("satisfied")), "ranking": rec.get("ranking") or []},
+            )
         self._touch()
 
+    @retry_after_reconnect
     def completed_runs(self) -> dict[str, dict]:
         """Runs a previous attempt finished, in the shape the orchestrator gave them."""
         finished = {}

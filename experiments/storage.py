@@ -19,13 +19,9 @@ from pathlib import Path
 from django.conf import settings
 from django.utils.text import slugify
 
+from optimization.catalog import MODEL_SUFFIXES
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-# Formats a framework loads, in the order a pretrained model is picked when several exist.
-MODEL_SUFFIXES = {
-    "pytorch": (".pt2", ".pt", ".pth", ".onnx"),
-    "tensorflow": (".keras", ".h5", ".zip"),
-}
-DATASET_SUFFIXES = (".npz", ".zip")
 
 
 class StorageError(ValueError):

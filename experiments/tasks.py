@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.db.models import F
 
-from . import storage
-from .models import Experiment
-from .sink import DjangoSink, notify
+from . import attempts, cluster, storage
+from .models import STATUS_MESSAGES, Experiment, ExperimentProgress, _enqueue_run
+from .sink import DjangoSink, notify, retry_after_reconnect
 
 logger = logging.getLogger(__name__)
 
@@ -39,43 +38,82 @@ def build_spec(experiment: Experiment):
         techniques=list(experiment.techniques),
         output_dir=storage.optimized_dir(experiment.pk),
         config={"seed": 0, **experiment.config},
+        plan=experiment.plan,
+        time_budget_s=experiment.time_budget_s,
     )
 
 
 def run_experiment(experiment_id: int) -> str:
-    """Run one queued experiment to its end and return the final status.
+    """Run one queued experiment to its end and return what became of it.
 
-    Counts its own attempts: when a worker dies (out of memory, killed) django-q2 hands the
-    task out again after `retry` seconds without counting, so a model that kills the worker
-    would otherwise loop forever. A retried attempt resumes: finished techniques are kept."""
-    if not Experiment.objects.filter(pk=experiment_id).update(attempts=F("attempts") + 1):
+    The task first claims the experiment (experiments.attempts): a second delivery of the same
+    task, or a task for a run that another worker owns, does nothing. Attempts are counted by
+    the claim, since django-q2 does not count a worker that died; a model that kills the worker
+    each time fails after EDGEOPT_MAX_ATTEMPTS. A later attempt resumes: finished techniques
+    are kept. A stopping qcluster hands the run back to the queue without using an attempt."""
+    try:
+        return _claim_and_run(experiment_id)
+    except attempts.DatabaseUnavailable:
+        logger.exception("experiment %s: the database went away; the reconciler re-queues the run", experiment_id)
+        return "database unavailable"
+
+
+def _claim_and_run(experiment_id: int) -> str:
+    if cluster.stopping():
+        # Fetched by this cluster just before it was asked to stop: leave it to the next worker.
+        _enqueue_run(experiment_id)
+        return "handed back"
+    token = retry_after_reconnect(attempts.claim)(experiment_id)
+    experiment = Experiment.objects.filter(pk=experiment_id).first()
+    if experiment is None:
         logger.warning("experiment %s no longer exists; nothing to run", experiment_id)
         return "missing"
-    experiment = Experiment.objects.get(pk=experiment_id)
-    if not experiment.is_active:
-        logger.info("experiment %s is %s; not running it", experiment_id, experiment.status)
+    if token is None:
+        logger.info("experiment %s is %s and not this task's to run", experiment_id, experiment.status)
         return experiment.status
+    logger.info("claimed experiment %s (attempt %s)", experiment_id, experiment.attempts)
+    ExperimentProgress.publish(experiment, status=Experiment.Status.RUNNING, message=STATUS_MESSAGES["running"])
     if experiment.attempts > settings.EDGEOPT_MAX_ATTEMPTS:
-        experiment.finish(Experiment.Status.FAILED, error=(
-            f"gave up after {experiment.attempts - 1} attempts: the worker stopped during each one "
-            "(out of memory or past the task timeout?); try fewer techniques or a smaller budget"))
+        attempts.finish(experiment, token, Experiment.Status.FAILED, attempts.gave_up_message(experiment.attempts - 1))
         notify(experiment_id)
         return experiment.status
 
-    experiment.mark_running()
-    error = ""
+    heartbeat = attempts.HeartbeatThread(experiment_id, token)
+    heartbeat.start()
     try:
+        status, error = _run_engine(experiment, DjangoSink(experiment, token, heartbeat))
+    except attempts.WorkerShuttingDown:
+        retry_after_reconnect(attempts.hand_back)(
+            experiment, token, "interrupted: the worker is shutting down; queued again, finished techniques are kept")
+        return "interrupted"
+    except attempts.LostOwnership:
+        logger.warning("experiment %s was given to another attempt; this one ends here", experiment_id)
+        return "lost"
+    finally:
+        heartbeat.stop()
+    try:
+        retry_after_reconnect(attempts.finish)(experiment, token, status, error)
+    except attempts.LostOwnership:
+        logger.warning("experiment %s was given to another attempt before this one finished", experiment_id)
+        return "lost"
+    notify(experiment_id)
+    return status
+
+
+def _run_engine(experiment: Experiment, sink: DjangoSink) -> tuple[str, str]:
+    """(final status, error) of the engine's run."""
+    try:
+        from optimization.worker import prepare_worker_process
+
+        prepare_worker_process()  # before the engine loads torch / TensorFlow
         from optimization.orchestrator import run_experiment as run_with_engine
 
-        status = run_with_engine(build_spec(experiment), DjangoSink(experiment))
+        status = run_with_engine(build_spec(experiment), sink)
         if status not in Experiment.FINISHED:
             raise ValueError(f"the engine ended with an unknown status {status!r}")
         if status == Experiment.Status.FAILED:
-            error = "the run failed; each technique's error is in its row"
+            return status, "the run failed; each technique's error is in its row"
+        return status, ""
     except Exception as exc:
-        logger.exception("experiment %s failed", experiment_id)
-        status, error = Experiment.Status.FAILED, storage.public_error(f"{type(exc).__name__}: {exc}")
-    experiment.refresh_from_db()
-    experiment.finish(status, error=error)
-    notify(experiment_id)
-    return status
+        logger.exception("experiment %s failed", experiment.pk)
+        return Experiment.Status.FAILED, storage.public_error(f"{type(exc).__name__}: {exc}")

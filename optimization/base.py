@@ -5,20 +5,15 @@ callables (a progress function, a sink) so it can run in a worker, a test or a s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-FRAMEWORKS = ("pytorch", "tensorflow")
-TECHNIQUES = (
-    "ptq_int8",
-    "ptq_int4",
-    "prune_unstructured",
-    "prune_structured",
-    "distillation",
-    "qat",
-    "hybrid",
-)
+from optimization.catalog import FRAMEWORKS, RESULT_FIELDS, TECHNIQUES, check_result_field, validate_options
+
+__all__ = ["FRAMEWORKS", "TECHNIQUES"]  # re-exported: the catalog declares them
+# the array layout each framework's models take (and its datasets are loaded in)
+LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 
 
 class ExperimentStopped(Exception):
@@ -69,8 +64,8 @@ class LoadedModel:
 class TechniqueConfig:
     """Budgets and knobs for one technique run, plus where to write artifacts.
 
-    `options` holds the experiment's per-technique config merged over the technique's defaults
-    (epochs, learning_rate, target_sparsity, temperature, ...).
+    `options` holds the experiment's overrides for this technique; `BaseOptimization.options`
+    checks them against the catalog and merges them over its defaults.
     """
 
     output_dir: Path
@@ -88,7 +83,9 @@ class OptimizedResult:
 
     artifacts: {"deploy": path to .onnx / .tflite, "native": path to .pt2 / .keras};
     `model` is the optimized framework model when one exists (used by the analyzer);
-    details: what it did (sparsity reached, bits, epochs, layers kept wider and why, ...).
+    the typed fields after `macs` are the common vocabulary (catalog.RESULT_FIELDS), named the
+    same in both frameworks and filled with `record`; details keep each technique's extras
+    (layers kept wider and why, the granularity choice, ...).
     """
 
     artifacts: dict[str, Path]
@@ -96,6 +93,35 @@ class OptimizedResult:
     model: Any = None
     params: int | None = None
     macs: int | None = None
+    precision: str | None = None
+    bits_per_layer: dict | None = None
+    float_layers: list | None = None
+    sparsity: float | None = None
+    channels_kept: float | None = None
+    epochs: int | None = None
+    calibration_samples: int | None = None
+    compressed_size_bytes: int | None = None
+
+    def record(self, **values) -> OptimizedResult:
+        """Set vocabulary fields, type-checked against the catalog."""
+        for name, value in values.items():
+            check_result_field(name, value)
+            setattr(self, name, value)
+        return self
+
+    def record_weight_bits(self) -> OptimizedResult:
+        """bits_per_layer and float_layers read from the deploy file: the weight storage of
+        each weighted kernel, as the runtime sees it (the same reader for ONNX and .tflite)."""
+        from optimization.graph import WEIGHTED_CLASSES, load_graph
+
+        bits = {op.name: op.weight_bits for op in load_graph(self.artifacts["deploy"]).ops
+                if op.kind in WEIGHTED_CLASSES and op.params}
+        return self.record(bits_per_layer=bits, float_layers=[name for name, b in bits.items() if b >= 32])
+
+    def vocabulary(self) -> dict:
+        """The common fields that were filled."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name in RESULT_FIELDS and getattr(self, f.name) is not None}
 
 
 class BaseOptimization:
@@ -103,7 +129,6 @@ class BaseOptimization:
     framework: str = ""
     # True for techniques that only transform weights (may run on an ONNX upload).
     post_training: bool = False
-    defaults: dict = {}
 
     def requires_dataset(self) -> bool:
         return True
@@ -120,8 +145,10 @@ class BaseOptimization:
         raise NotImplementedError
 
     def options(self, config: TechniqueConfig) -> dict:
-        """The technique's defaults with the experiment's overrides on top."""
-        return {**self.defaults, **config.options}
+        """The catalog's defaults for this technique and framework with the experiment's
+        overrides on top; catalog.OptionError (a ValueError) names an unknown option and the
+        allowed ones, or says what a bad value must be."""
+        return validate_options(self.name, self.framework, config.options)
 
 
 class Backend(Protocol):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optimization.catalog import IMAGE_SUFFIXES
+
 LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_SPLIT_SEED = 0
 
@@ -112,7 +114,6 @@ def load_digits_preset(preset_dir: Path, layout: str) -> Dataset:
 
 # --------------------------------------------------------------------------- standard formats and uploads
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
     "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",

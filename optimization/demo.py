@@ -22,6 +22,9 @@ def demo_model_path(storage_root: Path, framework: str) -> Path:
 
 def seed_demo(storage_root: Path, frameworks=FRAMEWORKS, log=print) -> list[Path]:
     """Write what is missing; return the paths written."""
+    from optimization.worker import prepare_worker_process
+
+    prepare_worker_process()  # training may load either framework
     written = []
     preset_dir = Path(storage_root) / "dataset" / "preset" / DEMO_DATASET
     if not (preset_dir / "digits.npz").exists():

@@ -5,11 +5,21 @@ The model, per fused kernel of the op graph (optimization.graph):
     compute = (MACs + output_cost * output elements)
               / (cores_eff(threads) * clock * peak MACs/cycle[precision] * efficiency)
     memory  = (input + output activation bytes + weight bytes) / (bandwidth * bandwidth_fraction)
-    latency = sum over kernels of max(compute, memory) + kernels * per-op overhead
+    latency = sum over kernels of softmax_p(compute, memory) + kernels * per-op overhead
 
     efficiency = exp(runtime_fp32[runtime] + kind[kernel class] + uarch[core]
-                     (+ int8_shared + int8_gain[runtime] for int8/int4 kernels))
-    cores_eff(threads) = 1 + (threads - 1) * thread_scaling
+                     (+ int8_shared + int8_gain[runtime] + int8_kind[kernel class]
+                        + int8_runtime_kind[runtime, kernel class] for int8/int4 kernels))
+
+The INT8 gain differs by kernel class because the kernels differ: a 1x1 or 3x3 convolution
+is a deep GEMM whose int8 inner loop does twice the fp32 MACs per instruction, a depthwise
+convolution is a shallow per-channel reduction whose int8 version spends much of its time
+widening and requantizing. A 1x1 convolution (a plain GEMM) is the reference class of both `kind` and
+`int8_kind`; the runtime-by-class terms have a tight prior around zero, so a runtime with
+little int8 data keeps the shared per-class gain.
+    cores_eff(threads) = 1 + (threads - 1) * thread_scaling[fp32 or int8]
+    int8 elementwise kernels also pay int8_elementwise_cycles per output element (requantizing)
+    softmax_p(a, b) = (a^p + b^p)^(1/p), p = roofline_sharpness (p -> infinity is the max)
 
 Peak MACs/cycle, clock, cores and bandwidth come from `devices/profiles.json`; the
 efficiencies, thread scaling, overhead and bandwidth fraction are fitted by
@@ -38,6 +48,7 @@ RUNTIMES = ("tflite", "onnxruntime")
 PRECISIONS = ("fp32", "int8", "int4")
 FIT_RUNTIMES = ("tflite", "onnxruntime", "ncnn", "pytorch")
 FITTED_KINDS = ("conv", "conv_winograd", "depthwise", "fc")  # conv1x1 (a plain GEMM) is the reference
+INT8_KINDS = ("conv", "depthwise", "fc")  # int8 gain relative to conv1x1
 UNCALIBRATED_WIDENING = 1.5  # interval widening where no measurement backs runtime or core
 POWER_UNCERTAINTY = 0.15  # relative, on the board power figures
 
@@ -50,9 +61,12 @@ def parameter_names() -> list[str]:
     profiles = load_profiles()["devices"].values()
     uarchs = sorted({p["microarchitecture"] for p in profiles} - {"cortex-a72"})
     return ([f"runtime_fp32:{r}" for r in FIT_RUNTIMES] + ["int8_shared"]
-            + [f"int8_gain:{r}" for r in FIT_RUNTIMES] + [f"kind:{k}" for k in FITTED_KINDS]
+            + [f"int8_gain:{r}" for r in FIT_RUNTIMES] + [f"int8_kind:{k}" for k in INT8_KINDS]
+            + [f"int8_runtime_kind:{r}:{k}" for r in FIT_RUNTIMES for k in INT8_KINDS]
+            + [f"kind:{k}" for k in FITTED_KINDS]
             + [f"uarch:{u}" for u in uarchs]
-            + ["thread_scaling_logit", "log_op_overhead_s", "log_bandwidth_fraction", "log_output_cost_macs"])
+            + ["thread_scaling_logit", "int8_thread_scaling", "log_op_overhead_s", "log_bandwidth_fraction",
+               "log_output_cost_macs", "log_int8_elementwise_cycles", "log_roofline_sharpness"])
 
 
 @lru_cache(maxsize=None)
@@ -100,7 +114,9 @@ def op_table(graph: Graph, precision: str | None = None) -> dict:
     activations, weights = costed_sizes(graph, precision)
     ops = graph.ops
     kinds = np.array([op.kind for op in ops], dtype=object)
-    precisions = [op.precision if precision is None or op.kind not in WEIGHTED_CLASSES else precision for op in ops]
+    integer_costing = "int8" if precision in ("int8", "int4") else "fp32"
+    precisions = [op.precision if precision is None else precision if op.kind in WEIGHTED_CLASSES else integer_costing
+                  for op in ops]
     return {
         "kind": kinds,
         "winograd": np.array([op.winograd_eligible for op in ops], dtype=bool),
@@ -110,6 +126,7 @@ def op_table(graph: Graph, precision: str | None = None) -> dict:
         "outputs": np.array([sum(graph.tensor_elements.get(n, 0) for n in op.outputs) for op in ops], dtype=float),
         "integer": np.array([p in ("int8", "int4") for p in precisions], dtype=bool),
         "weighted": np.array([k in WEIGHTED_CLASSES for k in kinds], dtype=bool),
+        "elementwise": kinds == "elementwise",
     }
 
 
@@ -118,10 +135,17 @@ def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, pa
     """Latency in seconds of one inference (the model in the module docstring)."""
     clock = (clock_ghz or profile["clock_ghz"]) * 1e9
     used = max(1, min(int(threads), int(profile["cores"])))
-    scaling = 1.0 / (1.0 + math.exp(-parameters["thread_scaling_logit"]))
-    cores_eff = 1.0 + (used - 1) * scaling
+    def cores_eff(logit):
+        return 1.0 + (used - 1) / (1.0 + math.exp(-logit))
+
+    # fp32 kernels move four times the bytes of int8 ones through the shared L2 and DRAM, so
+    # the two precisions get their own scaling over cores
+    cores = np.where(table["integer"], cores_eff(parameters["thread_scaling_logit"] + parameters["int8_thread_scaling"]),
+                     cores_eff(parameters["thread_scaling_logit"]))
     base = parameters[f"runtime_fp32:{runtime}"] + parameters.get(f"uarch:{profile['microarchitecture']}", 0.0)
-    int8 = parameters["int8_shared"] + parameters[f"int8_gain:{runtime}"]
+    int8 = parameters["int8_shared"] + parameters[f"int8_gain:{runtime}"] + np.array(
+        [parameters.get(f"int8_kind:{k}", 0.0) + parameters.get(f"int8_runtime_kind:{runtime}:{k}", 0.0)
+         for k in table["kind"]])
     kind_log = np.array([parameters.get(f"kind:{k}", 0.0) for k in table["kind"]])
     if load_profiles()["runtimes"][runtime].get("winograd_3x3"):
         kind_log = np.where(table["winograd"], parameters["kind:conv_winograd"], kind_log)
@@ -129,15 +153,24 @@ def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, pa
     per_cycle = profile["macs_per_cycle_per_core"]
     uses_dotprod = load_profiles()["runtimes"][runtime]["uses_dotprod"]
     int8_per_cycle = per_cycle.get("int8_dotprod", per_cycle["int8"]) if uses_dotprod else per_cycle["int8"]
-    peak = np.where(table["integer"], int8_per_cycle, per_cycle["fp32"]) * clock * cores_eff
+    peak = np.where(table["integer"], int8_per_cycle, per_cycle["fp32"]) * clock * cores
     # each output element also costs a fixed amount of work (accumulator setup, requantize,
     # store): shallow reductions (depthwise, narrow 1x1) run far below peak because of it
     work = table["macs"] + math.exp(parameters["log_output_cost_macs"]) * table["outputs"]
     compute = np.where(table["weighted"], work / (peak * efficiency), 0.0)
+    # an integer add or multiply rescales both inputs to the output's quantization: a few
+    # cycles per element that a float elementwise op, bound by memory, does not pay
+    requantize = table["elementwise"] & table["integer"]
+    compute = compute + np.where(requantize, math.exp(parameters["log_int8_elementwise_cycles"]) * table["outputs"]
+                                 / (clock * cores), 0.0)
     bandwidth = profile["memory_bandwidth_gbps"] * 1e9 * math.exp(parameters["log_bandwidth_fraction"])
     memory = table["bytes"] / bandwidth
     overhead = math.exp(parameters["log_op_overhead_s"])
-    return float(np.maximum(compute, memory).sum() + overhead * len(table["macs"]))
+    # a soft maximum: a kernel near the ridge point neither fully overlaps its loads with its
+    # arithmetic nor fully serialises them
+    sharpness = math.exp(parameters["log_roofline_sharpness"])
+    both = (compute ** sharpness + memory ** sharpness) ** (1.0 / sharpness)
+    return float(both.sum() + overhead * len(table["macs"]))
 
 
 def estimate(path_or_graph, device: str, runtime: str | None = None, precision: str | None = None,
@@ -166,7 +199,7 @@ def estimate(path_or_graph, device: str, runtime: str | None = None, precision: 
     calibrated = fitted.get("calibrated", {})
     halfwidth = fitted["interval_log_halfwidth"]
     assumptions = [
-        f"latency = sum over {len(graph.ops)} fused kernels of max(compute, memory) + per-op overhead; "
+        f"latency = sum over {len(graph.ops)} fused kernels of a soft max(compute, memory) + per-op overhead; "
         f"efficiencies fitted to {fitted['points_used']} published Raspberry Pi measurements "
         "(devices/calibration.json)",
         f"{profile['name']}: {profile['cores']} x {profile['cpu'].split('x ')[-1]} at {profile['clock_ghz']} GHz, "
@@ -191,6 +224,19 @@ def estimate(path_or_graph, device: str, runtime: str | None = None, precision: 
             f"int8 on {profile['microarchitecture']} uses the dot-product (SDOT) peak, 4x fp32; the fraction of it "
             f"reached is the fitted one, as no published {runtime} int8 measurement on this core is in the "
             "calibration set")
+    if precision in ("int8", "int4"):
+        per_cycle = profile["macs_per_cycle_per_core"]
+        int8_peak = per_cycle.get("int8_dotprod", per_cycle["int8"]) if runtime_info["uses_dotprod"] else per_cycle["int8"]
+        int8_base = parameters["int8_shared"] + parameters[f"int8_gain:{runtime}"]
+        speedups = {label: int8_peak / per_cycle["fp32"] * math.exp(
+            int8_base + parameters.get(f"int8_kind:{kind}", 0.0) + parameters.get(f"int8_runtime_kind:{runtime}:{kind}", 0.0))
+            for kind, label in (("conv", "3x3 conv"), ("depthwise", "depthwise"), ("conv1x1", "1x1 conv"),
+                                ("fc", "fully connected"))}
+        assumptions.append(
+            f"int8 speed-up of a compute-bound kernel over fp32 on {runtime}, fitted per kernel class: "
+            + ", ".join(f"{label} {gain:.2f}x" for label, gain in speedups.items())
+            + "; memory-bound kernels gain from the 4x smaller activations instead, and int8 elementwise kernels "
+            "pay a fitted requantization cost per element")
     if precision == "int4":
         assumptions.append("int4: weights stored at 4 bits, unpacked to int8 for compute (no int4 MAC kernels on "
                            "these CPUs); no published Pi int4 measurement exists, so its speed is the int8 fit")

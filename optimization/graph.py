@@ -157,11 +157,25 @@ def read_onnx(path: Path) -> Graph:
 
     # DequantizeLinear of a constant = a quantized weight: remember its storage width.
     quantized_weight: dict[str, tuple[str, int]] = {}
+    folded_at_load: set[str] = set()  # low-bit storage that onnxruntime turns into float weights
     alias: dict[str, str] = {}
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in constants:
             init = constants[node.input[0]]
             quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS.get(init.data_type, 8))
+        elif node.op_type == "Cast" and node.input[0] in constants:
+            # Mul(Cast(int4 weight), Cast(scale)) -> Reshape: a quantized weight onnxruntime folds at load
+            init = constants[node.input[0]]
+            if _ONNX_DTYPE_BITS.get(init.data_type, 32) <= 8:
+                quantized_weight[node.output[0]] = (node.input[0], _ONNX_DTYPE_BITS[init.data_type])
+                folded_at_load.add(node.output[0])
+            else:
+                constants[node.output[0]] = init
+        elif (node.op_type in ("Mul", "Reshape") and node.input[0] in quantized_weight
+              and all(name in constants for name in node.input[1:])):
+            quantized_weight[node.output[0]] = quantized_weight[node.input[0]]
+            if node.input[0] in folded_at_load:
+                folded_at_load.add(node.output[0])
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.op_type in _ONNX_ALIASES:
             alias[node.output[0]] = node.input[0]
 
@@ -201,7 +215,7 @@ def read_onnx(path: Path) -> Graph:
     by_output: dict[str, Op] = {}
     skip_types = {"Constant", "QuantizeLinear", "DequantizeLinear", *_ONNX_ALIASES}
     for index, node in enumerate(graph.node):
-        if node.op_type in skip_types:
+        if node.op_type in skip_types or node.output[0] in quantized_weight or node.output[0] in constants:
             continue
         act_inputs = [resolve(n) for n in node.input if n and resolve(n) not in constants and n not in quantized_weight]
         # Fold an activation/BN into its producer when that producer is a conv/fc used only here.
@@ -220,6 +234,9 @@ def read_onnx(path: Path) -> Graph:
                 by_output[out] = producer
                 continue
         op = _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, elements, tensor_bytes_of)
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and any(
+                name in folded_at_load for name in node.input):
+            op.precision = "fp32"  # stored at weight_bits, computed by the float kernel
         ops.append(op)
         for out in op.outputs:
             by_output[out] = op
@@ -306,6 +323,8 @@ def _contrib_output_shape(node, shapes: dict[str, list[int]]) -> list[int] | Non
         trans_b = "transB" in attrs and attrs["transB"].i
         b = shapes[node.input[3]]
         return [first[1] if trans_a else first[0], b[0] if trans_b else b[1]]
+    if node.op_type == "MatMulNBits":  # A [..., K] times the packed [K, N] weight
+        return [*first[:-1], attrs["N"].i]
     return None
 
 
@@ -370,8 +389,9 @@ def _onnx_op(node, index, constants, quantized_weight, shapes, act_inputs, eleme
         if op_type == "MatMulNBits":
             k, n, bits = int(attrs["K"]), int(attrs["N"]), int(attrs.get("bits", 4))
             weights = [(node.input[1], bits)]
-            op.params = k * n
-            op.weight_bytes = k * n * bits // 8
+            bias = node.input[5] if len(node.input) > 5 and node.input[5] in constants else None
+            op.params = k * n + (elements(constants[bias]) if bias else 0)
+            op.weight_bytes = k * n * bits // 8 + (elements(constants[bias]) * 4 if bias else 0)
             op.macs = _prod(out_shape) * k
             op.precision, op.weight_bits = ("int4" if bits <= 4 else "int8"), bits
             return op

@@ -33,23 +33,9 @@ from __future__ import annotations
 
 import math
 
-GOALS = ("min_size", "min_latency", "max_accuracy", "balanced", "min_energy")
+from optimization.catalog import CONSTRAINT_NAMES, CONSTRAINTS, GOAL_NAMES, GOALS
+
 MB = 2**20
-GOAL_WORDS = {
-    "min_size": "the smallest file",
-    "min_latency": "the lowest estimated latency on the target",
-    "max_accuracy": "the highest accuracy",
-    "balanced": "the best balance of size, latency and accuracy",
-    "min_energy": "the least estimated energy per inference on the target",
-}
-CONSTRAINT_WORDS = {
-    "max_accuracy_drop": ("accuracy drop", "points"),
-    "max_size_mb": ("size", "MB"),
-    "max_latency_ms": ("estimated latency", "ms"),
-    "max_memory_mb": ("estimated peak memory", "MB"),
-    "max_energy_mj": ("estimated energy per inference", "mJ"),
-}
-CONSTRAINT_NAMES = tuple(CONSTRAINT_WORDS)
 # below these a limit is treated as this small for the normalised violation (no division by 0)
 LIMIT_FLOOR = {"max_accuracy_drop": 0.1, "max_size_mb": 0.001, "max_latency_ms": 0.001, "max_memory_mb": 0.001,
                "max_energy_mj": 0.001}
@@ -68,9 +54,9 @@ def constraint_value(run: dict, name: str) -> float | None:
 
 
 def _limits(constraints: dict | None) -> dict:
-    unknown = set(constraints or {}) - set(CONSTRAINT_WORDS)
+    unknown = set(constraints or {}) - set(CONSTRAINT_NAMES)
     if unknown:
-        raise ValueError(f"unknown constraint(s) {', '.join(sorted(unknown))}; use {', '.join(CONSTRAINT_WORDS)}")
+        raise ValueError(f"unknown constraint(s) {', '.join(sorted(unknown))}; use {', '.join(CONSTRAINT_NAMES)}")
     return {k: float(v) for k, v in (constraints or {}).items() if v is not None}
 
 
@@ -135,7 +121,7 @@ def _order_key(run: dict, score: float | None):
 
 def recommend(baseline: dict, runs: list[dict], goal: str, constraints: dict | None) -> dict:
     if goal not in GOALS:
-        raise ValueError(f"unknown goal {goal!r}; use one of {', '.join(GOALS)}")
+        raise ValueError(f"unknown goal {goal!r}; use one of {', '.join(GOAL_NAMES)}")
     limits = _limits(constraints)
     completed = [r for r in runs if r.get("status") == "completed"]
     not_considered = [r for r in runs if r.get("status") != "completed"]
@@ -162,7 +148,7 @@ def recommend(baseline: dict, runs: list[dict], goal: str, constraints: dict | N
         reasoning = "No technique finished, so there is nothing to recommend. " + _not_considered(not_considered)
         return {"technique": None, "satisfied": False, "ranking": ranking, "reasoning": reasoning}
     winner = ordered[0]
-    parts = [f"Goal: {GOAL_WORDS[goal]}. {_formula(goal)}"]
+    parts = [f"Goal: {GOALS[goal].description}. {_formula(goal)}"]
     if passing:
         parts.append(f"{winner['technique']} is recommended: {_describe(winner, baseline, goal)}; "
                      f"it {_meets_all(limits)}.")
@@ -253,7 +239,7 @@ def _meets_all(limits: dict) -> str:
         return "had no constraints to meet"
     words = []
     for name, limit in limits.items():
-        label, unit = CONSTRAINT_WORDS[name]
+        label, unit = CONSTRAINTS[name].label, CONSTRAINTS[name].unit
         words.append(f"{label} <= {limit:g} {unit}")
     return "meets every constraint (" + ", ".join(words) + ")"
 
@@ -262,7 +248,7 @@ def _misses(run: dict, limits: dict) -> str:
     misses = []
     for name, limit in limits.items():
         value = constraint_value(run, name)
-        label, unit = CONSTRAINT_WORDS[name]
+        label, unit = CONSTRAINTS[name].label, CONSTRAINTS[name].unit
         if value is None:
             misses.append(f"fails {name}: no {label} was measured")
         elif value > limit + 1e-12:

@@ -17,6 +17,14 @@ DEMO_BODY = {"name": "digits demo", "framework": "pytorch", "target_device": "rp
              "goal": "balanced", "constraints": {"max_accuracy_drop": 1.0}}
 
 
+def pytest_configure(config):
+    """The tests run the engine in this process, as the worker does: prepared once, before any
+    test module imports a backend."""
+    from optimization.worker import prepare_worker_process
+
+    prepare_worker_process()
+
+
 @pytest.fixture(autouse=True)
 def storage_root(request, tmp_path):
     """Every test gets its own storage, so nothing touches the project's models/ or dataset/.
@@ -183,13 +191,13 @@ def ready_experiment(new_experiment, pretrained_model):
 def finished_experiment(ready_experiment, storage_root):
     """A completed experiment with one run, its two artifacts and a recommendation, written
     through the same sink the worker uses."""
+    from experiments.attempts import claim
     from experiments.models import Experiment
     from experiments.sink import DjangoSink
 
     experiment = ready_experiment
     experiment.enqueue()
-    experiment.mark_running()
-    sink = DjangoSink(experiment)
+    sink = DjangoSink(experiment, claim(experiment.pk))
     output = sink.output_dir
     output.mkdir(parents=True)
     (output / "ptq_int8.onnx").write_bytes(b"\x08\x07onnx-bytes")

@@ -120,44 +120,79 @@ def _decode(resp):
     return raw
 
 
-@contextmanager
-def running_stack(storage_root: Path, log_dir: Path, auth_headers: dict):
-    """Daphne + qcluster on the test database; both killed on exit. `auth_headers` (a token of
-    a user in that database) go with every request the Stack makes."""
-    port = free_port()
-    env = {
+def stack_env(storage_root: Path, **overrides: str) -> dict[str, str]:
+    """The environment of the stack's processes: the test database, storage, and overrides
+    (EDGEOPT_STALE_AFTER_S, EDGEOPT_BROKER, ...)."""
+    return {
         **os.environ,
         "DATABASE_URL": test_database_url(),
         "EDGEOPT_STORAGE_ROOT": str(storage_root),
         "DJANGO_SETTINGS_MODULE": "edgeopt_site.settings",
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **overrides,
     }
-    log_dir.mkdir(parents=True, exist_ok=True)
-    commands = {
-        "worker": [sys.executable, "manage.py", "qcluster"],
-        "web": [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                "edgeopt_site.asgi:application"],
-    }
-    processes = {}
-    try:
-        for name, command in commands.items():
-            log = open(log_dir / f"{name}.log", "w")
-            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_port(port, processes["web"])
-        yield Stack(port, log_dir, auth_headers)
-    finally:
-        # Each server leads its own process group: the worker's children go down with it.
-        for process in processes.values():
-            _signal_group(process, signal.SIGTERM)
-        for process in processes.values():
+
+
+class Processes:
+    """Server processes, each leading its own process group (its children go down with it)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env, self.log_dir = env, log_dir
+        self.running: dict[str, subprocess.Popen] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "a")
+        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.running[name] = process
+        return process
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        return self.start(name, [sys.executable, "manage.py", "qcluster"])
+
+    def start_web(self, port: int) -> subprocess.Popen:
+        return self.start("web", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                                  "edgeopt_site.asgi:application"])
+
+    def kill(self, name: str) -> None:
+        """kill -9 of the whole qcluster (or server): as when its machine goes down."""
+        _signal_group(self.running[name], signal.SIGKILL)
+        self.running[name].wait()
+
+    def stop_all(self) -> None:
+        """SIGTERM to each main process (a qcluster hands its run back and stops its children),
+        then SIGKILL to whatever is left of each group."""
+        for process in self.running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.running.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        time.sleep(0.5)  # let orphaned worker children see the signal before the database goes
+                pass
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
+def running_stack(storage_root: Path, log_dir: Path, auth_headers: dict, workers: int = 1, **env: str):
+    """Daphne + `workers` qclusters (named worker, worker2, ...) on the test database; all
+    stopped on exit. The Stack's `processes` starts, kills and restarts them. `auth_headers`
+    (a token of a user in that database) go with every request the Stack makes."""
+    port = free_port()
+    processes = Processes(stack_env(storage_root, **env), log_dir)
+    try:
+        web = processes.start_web(port)
+        for number in range(1, workers + 1):
+            processes.start_worker("worker" if number == 1 else f"worker{number}")
+        wait_for_port(port, web)
+        stack = Stack(port, log_dir, auth_headers)
+        stack.processes = processes
+        yield stack
+    finally:
+        processes.stop_all()
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

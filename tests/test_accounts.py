@@ -55,11 +55,11 @@ def test_another_users_experiment_pages_are_404(other_client, ready_experiment, 
     assert not Experiment.objects.get(pk=ready_experiment.pk).stop_requested
 
 
-def test_the_setup_page_lists_only_the_users_own_experiments(client, other_client, new_experiment, other_user):
+def test_the_experiments_page_lists_only_the_users_own_experiments(client, other_client, new_experiment, other_user):
     new_experiment(name="mine-alone")
     new_experiment(owned_by=other_user, name="theirs-alone")
 
-    mine, theirs = client.get("/").content.decode(), other_client.get("/").content.decode()
+    mine, theirs = client.get("/experiments/").content.decode(), other_client.get("/experiments/").content.decode()
 
     assert "mine-alone" in mine and "theirs-alone" not in mine
     assert "theirs-alone" in theirs and "mine-alone" not in theirs

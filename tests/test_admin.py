@@ -1,4 +1,5 @@
-"""The admin lists the tables (staff see every user's experiments) and stops experiments."""
+"""The admin lists the tables (staff see every user's experiments), stops experiments, keeps
+finished and active ones read-only and deletes like the API."""
 from __future__ import annotations
 
 import pytest
@@ -105,3 +106,28 @@ def test_staff_can_revoke_a_users_token_in_the_admin(admin_client, anonymous, ow
 
     assert "leaked" in listed and token not in listed
     assert anonymous.get("/api/experiments", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_admin_shows_a_finished_experiment_read_only(admin_client, finished_experiment):
+    url = f"/admin/experiments/experiment/{finished_experiment.pk}/change/"
+    page = admin_client.get(url).content.decode()
+
+    response = admin_client.post(url, {"name": "renamed", "framework": "pytorch", "target_device": "rpi4",
+                                       "dataset": "digits", "goal": "balanced"})
+
+    assert 'name="_save"' not in page
+    assert response.status_code == 403
+    assert Experiment.objects.get(pk=finished_experiment.pk).name == finished_experiment.name
+
+
+def test_admin_page_of_a_running_experiment_offers_stop_instead_of_edit_or_delete(admin_client, ready_experiment):
+    ready_experiment.enqueue()
+    ready_experiment.mark_running()
+    page = admin_client.get(f"/admin/experiments/experiment/{ready_experiment.pk}/change/").content.decode()
+    stop_url = f"/admin/experiments/experiment/{ready_experiment.pk}/stop/"
+
+    response = admin_client.post(stop_url)
+
+    assert stop_url in page and 'name="_save"' not in page and "/delete/" not in page
+    assert response.status_code == 302
+    assert Experiment.objects.get(pk=ready_experiment.pk).stop_requested

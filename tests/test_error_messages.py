@@ -32,9 +32,10 @@ def test_a_real_run_that_fails_on_a_missing_model_names_it_by_its_storage_name(
 
 
 def test_a_technique_error_is_stored_without_server_paths_or_a_class_name(ready_experiment, storage_root):
+    from experiments.attempts import claim
+
     ready_experiment.enqueue()
-    ready_experiment.mark_running()
-    sink = DjangoSink(ready_experiment)
+    sink = DjangoSink(ready_experiment, claim(ready_experiment.pk))
     output = storage_root / "models" / "optimized" / str(ready_experiment.pk)
 
     sink.run_finished("ptq_int8", {"status": "failed", "error": (
@@ -57,7 +58,10 @@ def test_only_paths_and_user_facing_class_names_are_taken_out(message, public):
 
 
 def test_an_analysis_error_is_stored_without_the_results_folder(ready_experiment, storage_root):
-    sink = DjangoSink(ready_experiment)
+    from experiments.attempts import claim
+
+    ready_experiment.enqueue()
+    sink = DjangoSink(ready_experiment, claim(ready_experiment.pk))
 
     sink.analysis({"error": f"analysis failed: cannot parse {sink.output_dir}/baseline.onnx"})
 

@@ -1,6 +1,7 @@
 """Settings come from the environment and refuse bad values at start-up."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,29 @@ def test_every_static_file_the_page_links_is_served_with_debug_off(settings, tmp
     assert any(url.endswith(".css") for url in linked) and any(url.endswith(".js") for url in linked)
     for url in linked:
         assert client.get(url).status_code == 200, url
+
+
+@pytest.mark.parametrize(("name", "value"), [("EDGEOPT_BROKER", "rabbitmq"), ("CHANNEL_LAYER", "postgres"),
+                                             ("REDIS_URL", "localhost:6379"), ("EDGEOPT_WORKERS", "0")])
+def test_bad_scale_out_settings_stop_start_up(name, value):
+    result = import_settings(**{name: value})
+
+    assert result.returncode != 0
+    assert f"ImproperlyConfigured: {name} must" in result.stderr
+
+
+def test_redis_broker_and_channel_layer_come_from_the_environment():
+    shown = "import json, edgeopt_site.settings as s; print(json.dumps([s.Q_CLUSTER, s.CHANNEL_LAYERS, s.EDGEOPT_PROGRESS_POLL_MS]))"
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEOPT_BROKER", "CHANNEL_LAYER", "EDGEOPT_WORKERS")}
+    default = subprocess.run([sys.executable, "-c", shown], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60)
+    scaled = subprocess.run([sys.executable, "-c", shown], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**env, "EDGEOPT_BROKER": "redis", "CHANNEL_LAYER": "redis", "EDGEOPT_WORKERS": "3",
+                                 "REDIS_URL": "redis://cache:6379/2"})
+
+    (q_default, layers_default, poll_default), (q_scaled, layers_scaled, poll_scaled) = (
+        json.loads(default.stdout), json.loads(scaled.stdout))
+    assert q_default["orm"] == "default" and "redis" not in q_default and q_default["workers"] == 1
+    assert layers_default["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer" and poll_default == 250
+    assert q_scaled["redis"] == "redis://cache:6379/2" and "orm" not in q_scaled and q_scaled["workers"] == 3
+    assert layers_scaled["default"]["CONFIG"]["hosts"] == ["redis://cache:6379/2"] and poll_scaled == 5000

@@ -2,10 +2,14 @@
 (the lead's end-to-end test runs the real one)."""
 from __future__ import annotations
 
-import pytest
+from datetime import timedelta
 
-from experiments import tasks
+import pytest
+from django.utils import timezone
+
+from experiments import attempts, tasks
 from experiments.models import Experiment, ExperimentProgress, ModelFile, OptimizationRun, Recommendation
+from experiments.reconciler import reconcile
 from experiments.sink import DjangoSink
 
 pytestmark = pytest.mark.django_db
@@ -54,6 +58,17 @@ def queued_experiment(ready_experiment):
 
 def use_engine(monkeypatch, engine):
     monkeypatch.setattr("optimization.orchestrator.run_experiment", engine)
+
+
+def claimed_sink(experiment) -> DjangoSink:
+    """The sink of a worker that has just claimed the experiment."""
+    return DjangoSink(experiment, attempts.claim(experiment.pk))
+
+
+def silence_the_worker(experiment, settings, seconds_past_stale: int = 1) -> None:
+    """As if the worker had died: its last heartbeat is older than EDGEOPT_STALE_AFTER_S."""
+    long_ago = timezone.now() - timedelta(seconds=settings.EDGEOPT_STALE_AFTER_S + seconds_past_stale)
+    Experiment.objects.filter(pk=experiment.pk).update(heartbeat_at=long_ago)
 
 
 def test_task_runs_the_engine_and_records_everything(monkeypatch, queued_experiment, storage_root):
@@ -105,11 +120,14 @@ def test_engine_stopped_marks_the_experiment_stopped_and_keeps_finished_runs(mon
     assert experiment.runs.filter(status="completed").count() == 1
 
 
-def test_a_retried_attempt_resumes_after_the_runs_already_finished(monkeypatch, queued_experiment):
+def test_a_retried_attempt_resumes_after_the_runs_already_finished(monkeypatch, queued_experiment, settings):
     use_engine(monkeypatch, fake_engine(worker_dies=True))
     with pytest.raises(SystemExit):
         tasks.run_experiment(queued_experiment.pk)
     assert Experiment.objects.get(pk=queued_experiment.pk).status == "running"
+    silence_the_worker(queued_experiment, settings)
+    assert reconcile()["requeued"] == [queued_experiment.pk]
+    assert Experiment.objects.get(pk=queued_experiment.pk).status == "queued"
     seen = {}
     use_engine(monkeypatch, fake_engine(techniques_done=("qat",), seen=seen))
 
@@ -145,7 +163,7 @@ def test_a_task_for_a_deleted_experiment_does_nothing():
 
 
 def test_sink_throttles_progress_but_never_drops_a_technique_change(queued_experiment):
-    sink = DjangoSink(queued_experiment)
+    sink = claimed_sink(queued_experiment)
     start = ExperimentProgress.objects.get(experiment=queued_experiment).seq
 
     for step in range(1, 50):
@@ -158,7 +176,7 @@ def test_sink_throttles_progress_but_never_drops_a_technique_change(queued_exper
 
 
 def test_sink_writes_a_throttled_state_with_the_next_run_update(queued_experiment):
-    sink = DjangoSink(queued_experiment)
+    sink = claimed_sink(queued_experiment)
     sink.progress({"status": "running", "technique": "qat", "technique_progress": 0.1, "message": "epoch 1"})
     sink.progress({"status": "running", "technique": "qat", "technique_progress": 0.9, "message": "epoch 9"})
 
@@ -169,8 +187,7 @@ def test_sink_writes_a_throttled_state_with_the_next_run_update(queued_experimen
 
 
 def test_sink_sees_a_stop_request(queued_experiment):
-    queued_experiment.mark_running()
-    sink = DjangoSink(queued_experiment)
+    sink = claimed_sink(queued_experiment)
     assert not sink.should_stop()
 
     queued_experiment.request_stop()

@@ -3,14 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-from optimization.base import FRAMEWORKS, Backend
-from optimization.hostcpu import keep_matrix_engine_out
+from optimization.base import FRAMEWORKS, LAYOUTS, Backend  # noqa: F401  (LAYOUTS: re-exported)
 
-# before LiteRT or onnxruntime pick their CPU kernels: host latency is measured without the
-# matrix engine edge boards lack (see optimization.hostcpu)
-keep_matrix_engine_out()
-
-LAYOUTS = {"pytorch": "NCHW", "tensorflow": "NHWC"}
 RUNTIMES = {"pytorch": "onnxruntime", "tensorflow": "tflite"}
 
 

@@ -7,7 +7,6 @@ run by onnxruntime's CPU execution provider. Native format: a torch.export `.pt2
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -35,9 +34,6 @@ OUTPUT_NAME = "logits"
 # gives an eager nn.Module (prunable, trainable) instead of a flat exported graph.
 ARCHITECTURE_EXTRA_FILE = "edgeopt_architecture.json"
 PREDICT_BATCH = 256
-# One intra-op thread by default: on a shared machine, OpenMP threads spinning against other
-# processes made training 5-20x slower than a single thread. Set EDGEOPT_TORCH_THREADS for more.
-torch.set_num_threads(int(os.environ.get("EDGEOPT_TORCH_THREADS", "1")))
 
 # loss_fn(logits, targets, inputs) -> scalar loss; inputs let distillation ask its teacher.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

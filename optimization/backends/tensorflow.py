@@ -1,16 +1,18 @@
 """TensorFlow/Keras backend: safe loading, `.keras` / `.tflite` export, LiteRT measurement,
 and the work every TensorFlow technique shares (fit with progress, conversion, counting).
 
-tfmot needs the Keras 2 implementation (tf_keras), so `TF_USE_LEGACY_KERAS` is set before
-TensorFlow is imported and `keras` below is tf_keras everywhere in the engine.
+tfmot needs the Keras 2 implementation (tf_keras): `prepare_worker_process()` sets
+`TF_USE_LEGACY_KERAS` before TensorFlow is imported, so `keras` below is tf_keras everywhere in
+the engine; importing this module without it is refused.
 Deploy artifacts run in LiteRT (`ai_edge_litert`), one thread, so latencies compare.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+    raise RuntimeError("the TensorFlow backend needs tf_keras: call optimization.worker.prepare_worker_process() "
+                       "at the start of the process, before TensorFlow is imported")
 
 import shutil
 import tempfile

@@ -1,7 +1,7 @@
 """Built-in Keras (tf_keras) architectures: the digits demo CNN and a small MobileNetV2.
 
-tf_keras is reached through the TensorFlow backend, which sets TF_USE_LEGACY_KERAS before
-TensorFlow loads; importing this module alone stays cheap.
+tf_keras is reached through the TensorFlow backend (the process has called
+`prepare_worker_process()`); importing this module alone stays cheap.
 """
 from __future__ import annotations
 

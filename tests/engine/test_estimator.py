@@ -103,6 +103,47 @@ def test_int8_is_faster_on_every_board_where_the_calibration_measured_it_faster(
         assert int8["memory_mb"] < fp32["memory_mb"], device
 
 
+def kernel_mix_net(kind: str):
+    """Most MACs in one kernel class: 3x3 convolutions or depthwise 3x3 convolutions."""
+    from optimization.backends.tensorflow import keras
+
+    layers = keras.layers
+    block = (lambda: layers.Conv2D(64, 3, padding="same", activation="relu")) if kind == "conv" else \
+        (lambda: layers.DepthwiseConv2D(3, padding="same", activation="relu"))
+    return keras.Sequential([keras.Input((56, 56, 64))] + [block() for _ in range(4)]
+                            + [layers.GlobalAveragePooling2D(), layers.Dense(10)])
+
+
+def test_int8_speedup_depends_on_the_kernel_mix_the_way_the_fit_says(tmp_path, monkeypatch):
+    from optimization.backends.tensorflow import convert_to_tflite
+
+    paths = {kind: convert_to_tflite(kernel_mix_net(kind), tmp_path / f"{kind}.tflite") for kind in ("conv", "depthwise")}
+
+    def speedups():
+        return {kind: estimator.estimate(path, "rpi4")["latency_ms"]
+                / estimator.estimate(path, "rpi4", precision="int8")["latency_ms"] for kind, path in paths.items()}
+
+    fitted = estimator.load_fitted()
+    parameters = fitted["parameters"]
+    gain = {kind: math.exp(parameters[f"int8_kind:{kind}"] + parameters[f"int8_runtime_kind:tflite:{kind}"])
+            for kind in paths}
+    with_classes = speedups()
+    # the same fit with one int8 gain for every kernel class
+    flat = dict(parameters, **{name: 0.0 for name in parameters if name.startswith(("int8_kind:", "int8_runtime_kind:"))})
+    monkeypatch.setattr(estimator, "load_fitted", lambda: dict(fitted, parameters=flat))
+    one_gain = speedups()
+
+    fitted_ratio = gain["conv"] / gain["depthwise"]
+    assert abs(math.log(fitted_ratio)) > math.log(1.03), "the fit gives the classes the same int8 gain"
+    shift = (with_classes["conv"] / with_classes["depthwise"]) / (one_gain["conv"] / one_gain["depthwise"])
+    # the graph whose MACs sit in the class with the larger gain speeds up more, by at most the
+    # fitted ratio (less where memory or per-op overhead, which the int8 gains do not touch, dominate)
+    assert (shift > 1) == (fitted_ratio > 1)
+    low, high = sorted((1.0, fitted_ratio))
+    assert low * 0.99 <= shift <= high * 1.01
+    assert abs(math.log(shift)) > 0.5 * abs(math.log(fitted_ratio)), "the MACs of both graphs should be compute bound"
+
+
 def test_precision_defaults_to_what_the_file_contains(files):
     assert estimator.estimate(files["wide_int8"], "rpi4")["precision"] == "int8"
     assert estimator.estimate(files["wide"], "rpi4")["precision"] == "fp32"

@@ -1,6 +1,6 @@
 """Host latency is measured without Intel AMX, the matrix engine no edge board has: once the
-backends are imported, a request for AMX fails in this process (and where the host has no
-AMX, nothing is filtered)."""
+process is prepared (the test session is, as the worker is), a request for AMX fails in this
+process (and where the host has no AMX, nothing is filtered)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import optimization.backends  # noqa: F401  (installs the filter, as the worker does)
 from optimization.hostcpu import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, keep_matrix_engine_out
 
 XFEATURE_XTILEDATA = 18
@@ -23,7 +22,7 @@ def host_has_amx() -> bool:
 
 
 @pytest.mark.skipif(not host_has_amx(), reason="this host has no AMX to keep out")
-def test_a_request_for_amx_tiles_is_refused_once_the_backends_are_loaded():
+def test_a_request_for_amx_tiles_is_refused_once_the_process_is_prepared():
     assert keep_matrix_engine_out() == "kept out"
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == -1

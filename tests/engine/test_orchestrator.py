@@ -242,7 +242,7 @@ def test_stop_during_a_technique_is_seen_within_one_progress_call(engine):
 
 def test_progress_raises_experiment_stopped_when_the_sink_says_stop(engine):
     sink = ListSink(stop_after_messages=0)
-    tracker = orchestrator.ProgressTracker(sink, [("baseline", 1.0)])
+    tracker = orchestrator.ProgressTracker(sink, [("baseline", 1.0, 0.0)])
     with pytest.raises(ExperimentStopped):
         tracker(0.5, "x")
 
@@ -271,3 +271,134 @@ def test_a_run_whose_constraint_check_raises_fails_alone(engine, monkeypatch):
     assert status == "completed"
     run = sink.runs()["ptq_int8"]
     assert run["status"] == "failed" and "ZeroDivisionError" in run["error"]
+
+
+# ----------------------------------------------------------------------------- the planner
+
+BASELINE = {"accuracy": 0.98, "size_bytes": 1000, "latency_ms": 1.0,
+            "estimates": {"latency_ms": 10.0, "energy_mj": 20.0}}
+
+
+def finished(size, drop=0.2, latency=5.0, accuracy=0.97):
+    return {"status": "completed", "size_bytes": size, "accuracy": accuracy, "accuracy_drop": drop,
+            "estimates": {"latency_ms": latency, "energy_mj": 2 * latency, "memory_mb": 1.0}}
+
+
+def defaults(name):
+    from optimization.catalog import validate_options
+
+    return validate_options(name, "pytorch", {})
+
+
+def test_qat_cannot_beat_int8_on_size_once_int8_meets_the_accuracy_limit():
+    reason = orchestrator.cannot_win("qat", defaults("qat"), BASELINE, {"ptq_int8": finished(260)},
+                                     "min_size", {"max_accuracy_drop": 1.0})
+    assert "cannot beat ptq_int8 on size" in reason and "same INT8 graph as ptq_int8" in reason
+
+
+def test_a_technique_that_could_still_win_is_not_skipped():
+    runs = {"ptq_int8": finished(260)}
+    assert orchestrator.cannot_win("hybrid", defaults("hybrid"), BASELINE, runs, "min_size", {}) is None
+    # a 50% channel cut is at best 4x smaller: 250 bytes could still beat 260
+    assert orchestrator.cannot_win("distillation", defaults("distillation"), BASELINE, runs, "min_size", {}) is None
+    runs["ptq_int4"] = finished(130)
+    reason = orchestrator.cannot_win("distillation", defaults("distillation"), BASELINE, runs, "min_size", {})
+    assert "cannot beat ptq_int4" in reason and "at best 4x smaller" in reason
+
+
+def test_nothing_is_skipped_for_the_goal_while_no_run_meets_the_constraints():
+    runs = {"ptq_int8": finished(260, drop=3.0)}
+    assert orchestrator.cannot_win("qat", defaults("qat"), BASELINE, runs, "min_size", {"max_accuracy_drop": 1.0}) is None
+
+
+def test_a_constraint_out_of_reach_even_at_best_skips_the_technique():
+    reason = orchestrator.cannot_win("prune_unstructured", defaults("prune_unstructured"), BASELINE, {},
+                                     "max_accuracy", {"max_size_mb": 0.0005})
+    assert reason.startswith("cannot meet max_size_mb") and "dense file stores every zero" in reason
+
+
+def test_balanced_and_accuracy_goals_leave_room_for_better_accuracy():
+    lossy, lossless = {"ptq_int8": finished(260, drop=0.5)}, {"ptq_int8": finished(260, drop=0.0)}
+    assert orchestrator.cannot_win("qat", defaults("qat"), BASELINE, lossy, "balanced", {}) is None
+    assert "on balance" in orchestrator.cannot_win("qat", defaults("qat"), BASELINE, lossless, "balanced", {})
+    assert orchestrator.cannot_win("qat", defaults("qat"), BASELINE, lossy, "max_accuracy", {}) is None
+
+
+def with_estimate(technique, seconds):
+    technique.estimate_time = lambda model_info, config: seconds
+    return technique
+
+
+def test_budget_plan_runs_cheapest_first_and_skips_what_cannot_win(engine):
+    make_spec, techniques = engine
+    techniques["qat"] = with_estimate(FakeTechnique("qat", size=250), 5.0)
+    techniques["ptq_int8"] = with_estimate(FakeTechnique("ptq_int8", size=250), 1.0)
+    spec = make_spec(["qat", "ptq_int8"], {"max_accuracy_drop": 1.0})
+    spec.plan = "budget"
+    sink = ListSink()
+
+    assert orchestrator.run_experiment(spec, sink) == "completed"
+
+    assert [e[1] for e in sink.events if e[0] == "run_started"] == ["ptq_int8", "qat"]
+    qat = sink.runs()["qat"]
+    assert qat["status"] == "skipped" and "cannot beat ptq_int8" in qat["error"]
+    assert qat["details"]["skipped_by"] == "planner"
+    assert sink.events[-1][1]["technique"] == "ptq_int8"
+
+
+def test_no_technique_starts_that_its_estimate_says_cannot_finish_in_the_time_budget(engine):
+    make_spec, techniques = engine
+    techniques["ptq_int8"] = with_estimate(FakeTechnique("ptq_int8"), 1.0)
+    techniques["hybrid"] = with_estimate(FakeTechnique("hybrid"), 500.0)
+    spec = make_spec(["hybrid", "ptq_int8"])
+    spec.time_budget_s = 60.0  # plan "all": the budget holds there too
+    sink = ListSink()
+
+    orchestrator.run_experiment(spec, sink)
+
+    runs = sink.runs()
+    assert runs["ptq_int8"]["status"] == "completed"
+    assert runs["hybrid"]["status"] == "skipped"
+    assert "estimate (500 s at this run's pace) does not fit" in runs["hybrid"]["error"] and "60 s time budget" in runs["hybrid"]["error"]
+
+
+def test_a_bad_option_fails_its_run_at_once_and_the_others_run(engine):
+    make_spec, techniques = engine
+    techniques["qat"] = FakeTechnique("qat")
+    techniques["ptq_int8"] = FakeTechnique("ptq_int8")
+    spec = make_spec(["qat", "ptq_int8"])
+    spec.config = {"techniques": {"qat": {"keep_fraction": 0.5}}}
+    sink = ListSink()
+
+    assert orchestrator.run_experiment(spec, sink) == "completed"
+
+    runs = sink.runs()
+    assert runs["qat"]["status"] == "failed" and "qat has no option keep_fraction" in runs["qat"]["error"]
+    assert runs["ptq_int8"]["status"] == "completed"
+
+
+def test_budget_plan_fine_tunes_a_large_dataset_on_a_stated_subset(engine, monkeypatch):
+    make_spec, techniques = engine
+    seen = {}
+
+    class Recording(FakeTechnique):
+        def optimize(self, model, config, dataset, progress):
+            seen[self.name] = len(dataset.x_train)
+            return super().optimize(model, config, dataset, progress)
+
+    techniques["hybrid"] = Recording("hybrid")
+    techniques["ptq_int8"] = Recording("ptq_int8", size=900)
+    monkeypatch.setattr(orchestrator, "MIN_TRAIN_SAMPLES", 10)
+    monkeypatch.setattr(orchestrator, "EPOCH_SAMPLE_MACS", 5000)  # 50 samples at the fake's 100 MACs
+    spec = make_spec(["ptq_int8", "hybrid"])
+    spec.plan = "budget"
+    sink = ListSink()
+
+    orchestrator.run_experiment(spec, sink)
+
+    assert seen["hybrid"] == 50
+    assert sink.runs()["hybrid"]["details"]["training_subset"].startswith("50 of ")
+    assert "training_subset" not in sink.runs()["ptq_int8"]["details"]
+    spec.plan = "all"
+    orchestrator.run_experiment(spec, ListSink())
+    assert seen["hybrid"] > 50  # plan "all" trains on everything, as before

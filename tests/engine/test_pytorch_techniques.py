@@ -18,6 +18,7 @@ from optimization.base import (  # noqa: E402
     TechniqueConfig,
     TechniqueNotApplicable,
 )
+from optimization.catalog import TECHNIQUE_SPECS, OptionError  # noqa: E402
 from optimization.datasets import load_digits_preset  # noqa: E402
 from optimization.graph import load_graph  # noqa: E402
 
@@ -92,11 +93,11 @@ def test_quantized_file_is_a_fraction_of_the_fp32_onnx(name, max_fraction, run, 
     assert os.path.getsize(run(name).artifacts["deploy"]) <= max_fraction * baseline["size"]
 
 
-def test_int4_all4_mode_is_smaller_than_fc4_conv8_and_reports_the_wider_layers(run):
-    default, all4 = run("ptq_int4"), run("ptq_int4", mode="all4")
-    assert os.path.getsize(all4.artifacts["deploy"]) < os.path.getsize(default.artifacts["deploy"])
-    assert default.details["layers"]["4-bit MatMulNBits"]
-    assert all("INT8" in why for why in default.details["kept_wider"].values())
+def test_int4_default_is_smaller_than_the_fc4_conv8_scheme_which_keeps_convolutions_int8(run):
+    default, fc4_conv8 = run("ptq_int4"), run("ptq_int4", scheme="fc4_conv8")
+    assert os.path.getsize(default.artifacts["deploy"]) < os.path.getsize(fc4_conv8.artifacts["deploy"])
+    assert {layer["op"] for layer in fc4_conv8.details["layers"].values()} == {"MatMulNBits"}
+    assert fc4_conv8.details["kept_wider"] and all("8-bit" in why for why in fc4_conv8.details["kept_wider"].values())
 
 
 def operators(path) -> set[str]:
@@ -130,9 +131,18 @@ def test_int8_qdq_format_is_portable_but_larger_than_qoperator(run, digits, base
 
 
 def test_unknown_int8_format_fails_the_run_with_the_choices(teacher, digits, tmp_path):
-    with pytest.raises(TechniqueNotApplicable, match="qoperator"):
+    with pytest.raises(OptionError, match="qoperator"):
         technique("ptq_int8").optimize(teacher, TechniqueConfig(tmp_path, {"format": "tensorrt"}), digits,
                                        ignore_progress)
+
+
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_every_technique_fills_the_result_fields_the_catalog_promises(name, run):
+    result = run(name)
+    assert set(TECHNIQUE_SPECS[name].reports) <= set(result.vocabulary())
+    if result.bits_per_layer is not None:
+        assert set(result.float_layers) == {layer for layer, bits in result.bits_per_layer.items() if bits == 32}
+        assert min(result.bits_per_layer.values()) == {"int8": 8, "int4": 4}[result.precision]
 
 
 @pytest.mark.parametrize("name", ["prune_structured", "distillation", "hybrid"])
@@ -151,7 +161,7 @@ def test_channel_pruning_keeps_vector_friendly_channel_counts(run):
 
 def test_unstructured_pruning_reaches_its_sparsity_and_compresses_better(run, baseline):
     details = run("prune_unstructured").details
-    assert abs(details["sparsity_reached"] - 0.5) < 0.01
+    assert abs(run("prune_unstructured").sparsity - 0.5) < 0.01
     assert details["dense_size_bytes"] >= 0.95 * baseline["size"]  # honest: zeros are still stored
     assert details["compressed_size_bytes"] < 0.8 * details["baseline_compressed_size_bytes"]
 

@@ -11,6 +11,7 @@ import pytest
 
 from optimization.backends.tensorflow import BACKEND, count_params_macs
 from optimization.base import TECHNIQUES, ExperimentStopped, TechniqueConfig
+from optimization.catalog import TECHNIQUE_SPECS
 from optimization.datasets import load_digits_preset, split
 from optimization.techniques import get_technique
 
@@ -30,6 +31,10 @@ def demo(tmp_path_factory, digits):
     return model, baseline
 
 
+# one fine-tuning epoch for the techniques that train (the others take no epochs)
+FAST = {name: {"epochs": 1} for name in TECHNIQUE_SPECS if TECHNIQUE_SPECS[name].fine_tunes}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits, demo):
     """Each technique runs once; tests read its result."""
@@ -40,7 +45,7 @@ def runs(tmp_path_factory, digits, demo):
         key = (name, tuple(sorted(options.items())))
         if key not in done:
             config = TechniqueConfig(output_dir=tmp_path_factory.mktemp(name),
-                                     options={"epochs": 1, **options})
+                                     options={**FAST.get(name, {}), **options})
             result = get_technique("tensorflow", name).optimize(model, config, digits, ignore_progress)
             done[key] = (result, litert_accuracy(result.artifacts["deploy"], digits))
         return done[key]
@@ -191,16 +196,25 @@ def test_ptq_int4_w4a8_puts_big_dense_weights_in_4_bits_small_ones_and_convs_in_
     assert np.corrcoef(outputs.ravel(), reference.ravel())[0, 1] > 0.95  # int8 in, float out
 
 
+@pytest.mark.parametrize("name", TECHNIQUES)
+def test_every_technique_fills_the_result_fields_the_catalog_promises(name, runs):
+    result, _ = runs(name)
+    assert set(TECHNIQUE_SPECS[name].reports) <= set(result.vocabulary())
+    if result.bits_per_layer is not None:
+        assert set(result.float_layers) == {layer for layer, bits in result.bits_per_layer.items() if bits == 32}
+        assert min(result.bits_per_layer.values()) == {"int8": 8, "int4": 4}[result.precision]
+
+
 def test_unstructured_pruning_reaches_its_sparsity_but_only_the_compressed_file_shrinks(runs, demo):
     result, accuracy = runs("prune_unstructured", target_sparsity=0.5)
-    assert result.details["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert result.sparsity == pytest.approx(0.5, abs=0.02)
     assert accuracy >= PLAUSIBLE_ACCURACY
     assert size_ratio(result, demo[1]) == pytest.approx(1.0, abs=0.02)
-    assert result.details["compressed_size_bytes"] < 0.7 * result.details["dense_size_bytes"]
+    assert result.compressed_size_bytes < 0.7 * result.details["dense_size_bytes"]
 
 
 def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
-    result, accuracy = runs("prune_structured", keep_fraction=0.5)
+    result, accuracy = runs("prune_structured", pruning_ratio=0.5)
     params, macs = count_params_macs(demo[0].module)
     assert result.params < 0.5 * params and result.macs < 0.5 * macs
     assert size_ratio(result, demo[1]) < 0.5
@@ -208,8 +222,8 @@ def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
 
 
 def test_structured_fine_tuning_distils_from_the_unpruned_model_or_uses_labels_alone(runs):
-    distilled, distilled_accuracy = runs("prune_structured", keep_fraction=0.5)
-    alone, alone_accuracy = runs("prune_structured", keep_fraction=0.5, distill=False)
+    distilled, distilled_accuracy = runs("prune_structured", pruning_ratio=0.5)
+    alone, alone_accuracy = runs("prune_structured", pruning_ratio=0.5, distill=False)
     assert distilled.details["distilled_from_original"] is True
     assert alone.details["distilled_from_original"] is False
     assert distilled.details["learning_rate_schedule"] == "cosine"
@@ -246,8 +260,8 @@ def test_hybrid_is_smaller_than_int8_alone_and_keeps_sparsity_through_int8(runs,
     int8_result, _ = runs("ptq_int8")
     assert result.artifacts["deploy"].stat().st_size < 0.5 * int8_result.artifacts["deploy"].stat().st_size
     assert result.details["structured"]["epochs"] == 3
-    assert result.details["sparsity_in_int8_file"] >= 0.4
-    assert result.details["compressed_size_bytes"] < result.artifacts["deploy"].stat().st_size
+    assert result.sparsity >= 0.4  # in the INT8 file
+    assert result.compressed_size_bytes < result.artifacts["deploy"].stat().st_size
     assert accuracy >= PLAUSIBLE_ACCURACY
 
 

@@ -34,6 +34,10 @@ class Command(BaseCommand):
             raise CommandError(f"unknown device {options['device']!r}; known devices: {', '.join(sorted(devices))}")
         if options["threads"] < 1:
             raise CommandError("--threads must be at least 1")
+        if path.suffix.lower() not in (".onnx", ".tflite"):  # a framework file is exported first
+            from optimization.worker import prepare_worker_process
+
+            prepare_worker_process()
         try:
             result = estimate(path, options["device"], runtime=options["runtime"],
                               precision=options["precision"], threads=options["threads"])

@@ -19,6 +19,7 @@ from optimization.base import (
 )
 from optimization.atomic import atomic_output
 from optimization.backends import pytorch as backend
+from optimization.catalog import CHANNEL_MULTIPLE
 
 # Cost model for estimate_time, measured on the shared 2-core dev machine with digits_cnn:
 # one training sample (forward + backward) costs about this many seconds per MAC...
@@ -31,16 +32,6 @@ QUANTIZE_SECONDS_PER_MAC = 1e-9
 # (many small, memory-bound layers). This floor keeps both ETAs within 2x.
 MIN_PRUNED_TRAINING_COST = 0.3
 CALIBRATION_BATCH = 32
-# Removing half the channels costs most of a network's accuracy at once (MobileNetV2: 98.6% ->
-# 9%); recovery is close to retraining. Measured on MobileNetV2 w0.5 / digits 32x32 with cosine
-# decay: 5 epochs left a 5 pt drop, 10 epochs 2.8 pt, 20 epochs 0.3 pt.
-FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT = 20
-# Channel pruning keeps each layer's channel count a multiple of this: vector units hold 16
-# floats (AVX-512) or 16 int8 lanes (NEON, AVX2), and onnxruntime's blocked-layout convolutions
-# work in blocks of 8 or 16 channels. Off the block, kernels fall back to slower paths: on the
-# AVX-512 dev machine MobileNetV2 with 55% of its channels removed, unrounded, ran slower than the
-# unpruned model; rounded to 16 it ran 2.9x faster.
-CHANNEL_MULTIPLE = 16
 
 
 class PyTorchTechnique(BaseOptimization):
@@ -109,9 +100,6 @@ def quantize_model_int8(model: LoadedModel, out_path: Path, calib_x: np.ndarray,
 
 # --------------------------------------------------------------------------- ORT quantization
 
-INT8_FORMATS = ("qoperator", "qdq")
-GRANULARITIES = ("auto", "per_channel", "per_tensor")
-INT8_DEFAULTS = {"format": "qoperator", "weight_granularity": "auto"}
 
 
 class _ArrayReader:
@@ -130,26 +118,21 @@ class _ArrayReader:
 
 
 def int8_options(options: dict) -> dict:
-    """quantize_int8's keyword arguments from a technique's options (INT8_DEFAULTS merged in)."""
-    if options["format"] not in INT8_FORMATS:
-        raise TechniqueNotApplicable(f"unknown INT8 format {options['format']!r}; choose one of {INT8_FORMATS}")
-    if options["weight_granularity"] not in GRANULARITIES:
-        raise TechniqueNotApplicable(
-            f"unknown weight_granularity {options['weight_granularity']!r}; choose one of {GRANULARITIES}")
+    """quantize_int8's keyword arguments from a technique's (catalog-checked) options."""
     return {"quant_format": options["format"], "weight_granularity": options["weight_granularity"]}
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_bits: int = 8,
+def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray,
                   op_types: list[str] | None = None, quant_format: str = "qoperator",
                   weight_granularity: str = "auto") -> dict:
-    """Static quantization in onnxruntime: signed symmetric weights (8 or 4 bits), unsigned 8-bit
+    """Static quantization in onnxruntime: signed symmetric 8-bit weights, unsigned 8-bit
     activations calibrated (MinMax) on `calib_x`. `op_types` limits which operators are quantized
     (None: all the quantizer supports). Returns what was chosen, for the run's details.
 
     quant_format "qoperator" writes onnxruntime's QLinearConv/QGemm operators: the int32 bias needs no
     scale or zero point of its own and no Quantize/DequantizeLinear pairs are stored, so the file
     is smaller than QDQ (~12% on MobileNetV2) and runs the same INT8 kernels; "qdq" is the
-    portable form other runtimes read. 4-bit weights exist only as QDQ.
+    portable form other runtimes read.
 
     weight_granularity "auto" quantizes per-channel and per-tensor and keeps per-tensor (one
     scale per layer instead of one per output channel, which on a narrow network such as
@@ -157,12 +140,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_b
     model's on the calibration samples at least as often as per-channel's do."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if weight_bits != 8:
-        quant_format, weight_granularity = "qdq", "per_channel"
     prepared = out_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     try:
-        quantize = functools.partial(_quantize_static, prepared, calib_x, weight_bits, op_types, quant_format)
+        quantize = functools.partial(_quantize_static, prepared, calib_x, op_types, quant_format)
         if weight_granularity != "auto":
             quantize(weight_granularity == "per_channel", out_path)
             chosen = {"weight_granularity": weight_granularity}
@@ -170,10 +151,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_x: np.ndarray, weight_b
             chosen = _choose_granularity(fp32_path, out_path, calib_x, quantize)
     finally:
         prepared.unlink(missing_ok=True)
-    return {"format": quant_format, "weight_bits": weight_bits, **chosen}
+    return {"format": quant_format, "weight_bits": 8, **chosen}
 
 
-def _quantize_static(prepared: Path, calib_x: np.ndarray, weight_bits: int, op_types: list[str] | None,
+def _quantize_static(prepared: Path, calib_x: np.ndarray, op_types: list[str] | None,
                      quant_format: str, per_channel: bool, out_path: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -186,7 +167,7 @@ def _quantize_static(prepared: Path, calib_x: np.ndarray, weight_bits: int, op_t
             str(prepared), str(partial), _ArrayReader(model_input.name, calib_x, fixed),
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
+            weight_type=QuantType.QInt8,
             op_types_to_quantize=op_types,
         )
         # the pre-processing's shape annotations only help the quantizer; onnxruntime infers
@@ -327,6 +308,22 @@ def prune_channels(module, input_shape: tuple, ratio: float,
     if before - _count_params(rounded) >= 0.75 * (before - _count_params(unrounded)):
         return rounded, round_to
     return unrounded, None
+
+
+def channels_kept(original, pruned) -> float:
+    """The share of output channels kept, over the conv/linear layers whose channels shrank
+    (module names survive Torch-Pruning's copy)."""
+    import torch
+
+    def widths(module) -> dict[str, int]:
+        return {name: layer.out_channels if isinstance(layer, torch.nn.Conv2d) else layer.out_features
+                for name, layer in module.named_modules() if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))}
+
+    before, after = widths(original), widths(pruned)
+    shrunk = [name for name, width in after.items() if name in before and width < before[name]]
+    if not shrunk:
+        return 1.0
+    return round(sum(after[name] for name in shrunk) / sum(before[name] for name in shrunk), 4)
 
 
 def _count_params(module) -> int:

@@ -1,5 +1,5 @@
-"""Knowledge distillation into a smaller student: the teacher with `student_ratio` of its
-channels removed (Torch-Pruning, so the shapes stay compatible) and re-initialised, trained on
+"""Knowledge distillation into a smaller student: the teacher keeping `student_width` of its
+channels (Torch-Pruning, so the shapes stay compatible) and re-initialised, trained on
 the teacher's softened outputs (KL at temperature T, times T^2) mixed with the hard labels
 (weight `alpha` on the soft part). The same student is also trained without the teacher for
 the same epochs, so the gain from distillation is visible in the details."""
@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
-    CHANNEL_MULTIPLE,
     EXPORT_SECONDS,
     PyTorchTechnique,
+    channels_kept,
     prune_channels,
     require_trainable,
 )
@@ -38,14 +38,12 @@ def distillation_loss(teacher, temperature: float, alpha: float):
 
 class Technique(PyTorchTechnique):
     name = "distillation"
-    defaults = {"temperature": 4.0, "alpha": 0.7, "epochs": 6, "learning_rate": 1e-3, "student_ratio": 0.5,
-                "channel_multiple": CHANNEL_MULTIPLE}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
         # the student twice (with and without the teacher) plus the teacher's forward passes,
         # a third of a training step each
-        return (2 * self.pruned_training_seconds(model_info, options["epochs"], options["student_ratio"])
+        return (2 * self.pruned_training_seconds(model_info, options["epochs"], 1 - options["student_width"])
                 + self.training_seconds(model_info, options["epochs"] / 3) + 2 * EXPORT_SECONDS)
 
     def optimize(self, model, config, dataset, progress):
@@ -53,7 +51,7 @@ class Technique(PyTorchTechnique):
         options = self.options(config)
         teacher = model.module
         backend.set_eval(teacher)
-        student, channel_multiple = prune_channels(model.module, model.input_shape, options["student_ratio"],
+        student, channel_multiple = prune_channels(model.module, model.input_shape, 1 - options["student_width"],
                                                    options["channel_multiple"])
         reinitialise(student)
         backend.set_seed(config.seed)
@@ -69,9 +67,9 @@ class Technique(PyTorchTechnique):
         progress(0.92, "exporting the student", {"accuracy": distilled, "accuracy_without_teacher": alone})
         teacher_params, teacher_macs = backend.count_params_macs(teacher, model.input_shape)
         details = {
-            "student": f"the teacher with {options['student_ratio']:.0%} of its channels removed, re-initialised",
+            "student": f"the teacher keeping {options['student_width']:.0%} of its channels, re-initialised",
             "channel_multiple": channel_multiple,
-            "temperature": options["temperature"], "alpha": options["alpha"], "epochs": epochs,
+            "temperature": options["temperature"], "alpha": options["alpha"],
             "student_test_accuracy_with_teacher": round(distilled, 4),
             "student_test_accuracy_without_teacher": round(alone, 4),
             "gain_from_distillation_points": round(100 * (distilled - alone), 2),
@@ -79,5 +77,6 @@ class Technique(PyTorchTechnique):
             "architecture_unchanged": False,
         }
         result = self.result(config, model, student, details)
+        result.record(precision="fp32", channels_kept=channels_kept(teacher, student), epochs=2 * epochs)
         progress(1.0, "student written", {"params": result.params})
         return result

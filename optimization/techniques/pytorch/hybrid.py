@@ -8,11 +8,9 @@ import dataclasses
 from optimization.backends import pytorch as backend
 from optimization.evaluator import compressed_size
 from optimization.techniques.pytorch._common import (
-    CHANNEL_MULTIPLE,
     EXPORT_SECONDS,
-    FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
-    INT8_DEFAULTS,
     PyTorchTechnique,
+    channels_kept,
     file_size,
     int8_options,
     prune_channels,
@@ -24,8 +22,6 @@ from optimization.techniques.pytorch.prune_unstructured import keep_zeros, prune
 
 class Technique(PyTorchTechnique):
     name = "hybrid"
-    defaults = {"pruning_ratio": 0.5, "target_sparsity": 0.0, "epochs": FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
-                "learning_rate": 1e-3, "channel_multiple": CHANNEL_MULTIPLE, **INT8_DEFAULTS}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
@@ -51,14 +47,15 @@ class Technique(PyTorchTechnique):
                      + (["unstructured magnitude pruning"] if masks else [])
                      + ["fine-tuning (cosine learning-rate decay)", "static INT8 (onnxruntime)"],
             "pruning_ratio": options["pruning_ratio"], "channel_multiple": channel_multiple,
-            "sparsity_reached": round(sparsity_of(masks), 4) if masks else 0.0,
-            "epochs": options["epochs"], "bits": 8, "quantization": quantization,
+            "bits": 8, "quantization": quantization,
             "native": "pruned FP32 .pt2: the int8 model exists only as ONNX",
             "architecture_unchanged": False,
         }
-        if masks:
-            details["compressed_size_bytes"] = compressed_size(deploy)
-            details["compression"] = "gzip -9 of the ONNX file"
+        details["compression"] = "gzip -9 of the ONNX file"
         result = self.result(config, pruned, module, details, deploy_written=True)
+        result.record(precision="int8", channels_kept=channels_kept(model.module, module),
+                      sparsity=round(sparsity_of(masks), 4) if masks else 0.0, epochs=options["epochs"],
+                      calibration_samples=int(len(dataset.x_calib)),
+                      compressed_size_bytes=compressed_size(deploy)).record_weight_bits()
         progress(1.0, "hybrid model written", {"size_bytes": file_size(deploy)})
         return result

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
-    CHANNEL_MULTIPLE,
     EXPORT_SECONDS,
-    FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT,
     PyTorchTechnique,
+    channels_kept,
     prune_channels,
     require_trainable,
 )
@@ -16,8 +15,6 @@ from optimization.techniques.pytorch._common import (
 
 class Technique(PyTorchTechnique):
     name = "prune_structured"
-    defaults = {"pruning_ratio": 0.5, "epochs": FINE_TUNING_EPOCHS_AFTER_CHANNEL_CUT, "learning_rate": 1e-3,
-                "channel_multiple": CHANNEL_MULTIPLE}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
@@ -41,11 +38,12 @@ class Technique(PyTorchTechnique):
             "importance": "L2 magnitude (Torch-Pruning)",
             "params_before": params_before, "params_after": params_after,
             "macs_before": macs_before, "macs_after": macs_after,
-            "epochs": options["epochs"], "learning_rate_schedule": "cosine decay to zero",
+            "learning_rate_schedule": "cosine decay to zero",
             "calibration_accuracy_before_fine_tuning": round(accuracy_after_pruning, 4),
             "final_train_loss": metrics.get("loss"),
             "architecture_unchanged": False,
         }
         result = self.result(config, model, module, details)
+        result.record(precision="fp32", channels_kept=channels_kept(model.module, module), epochs=options["epochs"])
         progress(1.0, "pruned model written", {"params": params_after})
         return result

@@ -53,7 +53,6 @@ def sparsity_of(masks: dict) -> float:
 
 class Technique(PyTorchTechnique):
     name = "prune_unstructured"
-    defaults = {"target_sparsity": 0.5, "epochs": 2, "learning_rate": 3e-4}
 
     def estimate_time(self, model_info, config) -> float:
         options = self.options(config)
@@ -76,8 +75,6 @@ class Technique(PyTorchTechnique):
         baseline.unlink()
         details = {
             "target_sparsity": options["target_sparsity"],
-            "sparsity_reached": round(sparsity_of(masks), 4),
-            "epochs": options["epochs"],
             "calibration_accuracy_before_fine_tuning": round(accuracy_after_pruning, 4),
             "final_train_loss": metrics.get("loss"),
             "note": "masks only: the dense ONNX keeps every weight (zeros included), so its size and "
@@ -90,5 +87,7 @@ class Technique(PyTorchTechnique):
             "baseline_compressed_size_bytes": baseline_compressed,
             "compression": "gzip -9 of the ONNX file",
         })
-        progress(1.0, "pruned model written", {"sparsity": details["sparsity_reached"]})
+        result.record(precision="fp32", sparsity=round(sparsity_of(masks), 4), epochs=options["epochs"],
+                      compressed_size_bytes=details["compressed_size_bytes"])
+        progress(1.0, "pruned model written", {"sparsity": result.sparsity})
         return result

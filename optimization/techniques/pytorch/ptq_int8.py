@@ -5,7 +5,6 @@ activations on every call and made convolutional models slower, not faster."""
 from __future__ import annotations
 
 from optimization.techniques.pytorch._common import (
-    INT8_DEFAULTS,
     PyTorchTechnique,
     file_size,
     int8_options,
@@ -16,7 +15,6 @@ from optimization.techniques.pytorch._common import (
 class Technique(PyTorchTechnique):
     name = "ptq_int8"
     post_training = True
-    defaults = INT8_DEFAULTS
 
     def estimate_time(self, model_info, config) -> float:
         return self.quantize_seconds(model_info, self.options(config))
@@ -34,5 +32,6 @@ class Technique(PyTorchTechnique):
             "native": "FP32 .pt2: onnxruntime's quantized model exists only as ONNX",
         }
         result = self.result(config, model, model.module, details, deploy_written=True)
+        result.record(precision="int8", calibration_samples=int(len(dataset.x_calib))).record_weight_bits()
         progress(1.0, "INT8 model written", {"size_bytes": file_size(deploy)})
         return result

@@ -35,7 +35,6 @@ def fold_batch_norm(module):
 
 class Technique(PyTorchTechnique):
     name = "qat"
-    defaults = {"epochs": 1, "learning_rate": 1e-4}
 
     def estimate_time(self, model_info, config) -> float:
         epochs = self.options(config)["epochs"]
@@ -64,7 +63,7 @@ class Technique(PyTorchTechnique):
         backend.set_eval(prepared)
         quantized = backend.mark_fixed_batch(convert_pt2e(prepared), backend.fixed_batch(float_module))
         details = {
-            "bits": 8, "epochs": options["epochs"], "learning_rate": options["learning_rate"],
+            "bits": 8, "learning_rate": options["learning_rate"],
             "flow": "torchao PT2E prepare_qat_pt2e -> fine-tune -> convert_pt2e -> torch.onnx (dynamo) QDQ",
             "quantizer": "X86InductorQuantizer: int8 per-channel weights, uint8 activations",
             "batch_norm": "folded into the convolutions before QAT (statistics frozen)",
@@ -75,5 +74,6 @@ class Technique(PyTorchTechnique):
         result = self.result(config, model, quantized, details)
         # the converted graph keeps weights as int8 constants, not parameters: count the float model
         result.params, result.macs = params, macs
+        result.record(precision="int8", epochs=options["epochs"]).record_weight_bits()
         progress(1.0, "QAT model written", {"size_bytes": file_size(result.artifacts["deploy"])})
         return result

@@ -7,14 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow.prune_structured import shrink_channels
+from optimization.techniques.tensorflow.prune_structured import channels_kept, shrink_channels
 
 
 class Technique(BaseOptimization):
     name = "distillation"
     framework = "tensorflow"
-    defaults = {"width": 0.5, "temperature": 4.0, "alpha": 0.7, "epochs": 10,
-                "learning_rate": 2e-3, "batch_size": 32}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
@@ -23,7 +21,7 @@ class Technique(BaseOptimization):
         options = self.options(config)
         # distilled run (student + teacher forward) and the student alone
         return sum(training_seconds(model_info, options["epochs"],
-                                    step=narrowed_step_cost(options["width"], distill))
+                                    step=narrowed_step_cost(options["student_width"], distill))
                    for distill in (True, False)) + conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
@@ -31,7 +29,7 @@ class Technique(BaseOptimization):
             convert_to_tflite, count_params_macs, evaluate_accuracy, fit, keras, technique_result)
 
         options = self.options(config)
-        epochs, width = int(options["epochs"]), float(options["width"])
+        epochs, width = int(options["epochs"]), float(options["student_width"])
         training = dict(learning_rate=float(options["learning_rate"]),
                         batch_size=int(options["batch_size"]), seed=config.seed)
         teacher = model.module
@@ -51,11 +49,9 @@ class Technique(BaseOptimization):
         deploy = convert_to_tflite(student, Path(config.output_dir) / f"{self.name}.tflite")
         teacher_params, teacher_macs = count_params_macs(teacher)
         details = {
-            "precision": "fp32",
-            "width": width,
+            "student_width": width,
             "temperature": float(options["temperature"]),
             "alpha_soft": float(options["alpha"]),
-            "epochs": epochs,
             "teacher_params": teacher_params,
             "teacher_macs": teacher_macs,
             "teacher_accuracy": evaluate_accuracy(teacher, dataset.x_test, dataset.y_test),
@@ -64,7 +60,8 @@ class Technique(BaseOptimization):
             "accuracy_note": "Keras accuracies on the test split; the deployed number is re-measured",
             **surgery,
         }
-        return technique_result(self.name, config, student, deploy, details)
+        return technique_result(self.name, config, student, deploy, details).record(
+            precision="fp32", channels_kept=channels_kept(surgery), epochs=2 * epochs)
 
 
 def fresh_student(teacher, width: float, seed: int):

@@ -20,15 +20,11 @@ from optimization.techniques.tensorflow.qat import quantize_aware
 class Technique(BaseOptimization):
     name = "hybrid"
     framework = "tensorflow"
-    # Budgets chosen on MobileNetV2 (alpha 0.35, 32x32). "epochs" is the magnitude-pruning
-    # stage's (50% sparsity on the thin network needs 10) and scales the others unless they are
-    # given: the structured stage (prune_structured's fine-tuning: distilled from the original,
-    # cosine rate) cuts to a quarter of the channels and needs 3x as long to come back within
-    # 1 pt; PQAT settles in half as long.
-    defaults = {"structured_first": True, "keep_fraction": 0.25, "structured_epochs": None,
-                "structured_learning_rate": 3e-3, "distill": True, "temperature": 4.0, "alpha": 0.7,
-                "target_sparsity": 0.5, "epochs": 10, "learning_rate": 1e-3, "qat_epochs": None,
-                "qat_learning_rate": 1e-4, "batch_size": 32}
+    # Budgets (catalog) chosen on MobileNetV2 (alpha 0.35, 32x32). "epochs" is the
+    # magnitude-pruning stage's (50% sparsity on the thin network needs 10) and scales the others
+    # unless they are given: the structured stage (prune_structured's fine-tuning: distilled from
+    # the original, cosine rate) cuts to a quarter of the channels and needs 3x as long to come
+    # back within 1 pt; PQAT settles in half as long.
 
     def options(self, config: TechniqueConfig) -> dict:
         options = super().options(config)
@@ -48,7 +44,7 @@ class Technique(BaseOptimization):
         options = self.options(config)
         keep, structured = 1.0, 0.0
         if options["structured_first"]:
-            keep = options["keep_fraction"]
+            keep = 1 - options["pruning_ratio"]
             structured = training_seconds(model_info, options["structured_epochs"],
                                           step=narrowed_step_cost(keep, options["distill"]))
         step = narrowed_step_cost(keep)
@@ -65,7 +61,7 @@ class Technique(BaseOptimization):
         from optimization.evaluator import compressed_size
 
         options = self.options(config)
-        details = {"precision": "int8", "stages": []}
+        details = {"stages": []}
         current = model.module
         if options["structured_first"]:
             stage = {**options, "epochs": options["structured_epochs"],
@@ -94,10 +90,14 @@ class Technique(BaseOptimization):
                                    dataset.x_calib)
         details.update(
             sparsity_before_int8=magnitude["sparsity"],
-            sparsity_in_int8_file=round(tflite_int8_weight_sparsity(deploy), 4),
-            compressed_size_bytes=compressed_size(deploy),
             size_note="size_bytes is the INT8 .tflite as downloaded; the zeros show only in "
                       "compressed_size_bytes (gzip -9)",
         )
+        epochs = int(options["epochs"]) + int(options["qat_epochs"]) + (
+            int(options["structured_epochs"]) if options["structured_first"] else 0)
         return technique_result(self.name, config, quantized, deploy, details,
-                                counted_model=current)
+                                counted_model=current).record(
+            precision="int8", sparsity=round(tflite_int8_weight_sparsity(deploy), 4),
+            channels_kept=details["structured"]["channels_kept"] if options["structured_first"] else 1.0,
+            epochs=epochs, calibration_samples=len(dataset.x_calib),
+            compressed_size_bytes=compressed_size(deploy)).record_weight_bits()

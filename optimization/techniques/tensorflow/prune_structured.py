@@ -22,17 +22,12 @@ from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
 class Technique(BaseOptimization):
     name = "prune_structured"
     framework = "tensorflow"
-    # Chosen on MobileNetV2 (alpha 0.35, 32x32) at half its channels: 3 epochs on the labels
-    # alone left it 8 pts down, 10 on the labels 7; 10 distilled from the original 1.7 pts at
-    # a rate of 1e-3 and 1.1 at 3e-3, 20 at 1e-3 1.1. The digits demo recovers fully in 10.
-    defaults = {"keep_fraction": 0.5, "epochs": 15, "learning_rate": 3e-3, "batch_size": 32,
-                "distill": True, "temperature": 4.0, "alpha": 0.7}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
 
         options = self.options(config)
-        step = narrowed_step_cost(options["keep_fraction"], options["distill"])
+        step = narrowed_step_cost(1 - options["pruning_ratio"], options["distill"])
         return training_seconds(model_info, options["epochs"], step=step) + conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
@@ -42,8 +37,8 @@ class Technique(BaseOptimization):
                                                   progress, span=(0.05, 0.9), seed=config.seed)
         progress(0.9, "converting to .tflite", {})
         deploy = convert_to_tflite(pruned, Path(config.output_dir) / f"{self.name}.tflite")
-        details["precision"] = "fp32"
-        return technique_result(self.name, config, pruned, deploy, details)
+        return technique_result(self.name, config, pruned, deploy, details).record(
+            precision="fp32", channels_kept=details.pop("channels_kept"), epochs=details.pop("epochs"))
 
 
 def narrowed_step_cost(keep_fraction: float, distill: bool = False) -> float:
@@ -54,16 +49,14 @@ def narrowed_step_cost(keep_fraction: float, distill: bool = False) -> float:
 
 
 def prune_filters_finetuned(keras_model, dataset, options: dict, progress, span, seed=0):
-    """Keep `keep_fraction` of the filters of every prunable layer, then fine-tune for
+    """Remove `pruning_ratio` of the filters of every prunable layer, then fine-tune for
     `epochs` with the learning rate cosine-decayed to zero; with `distill`, on the unpruned
     model's soft targets plus the labels (distillation's train_step, the unpruned model as
     teacher), which recovers more of a wide cut than the labels alone."""
     from optimization.backends.tensorflow import adam, count_params_macs, fit, training_steps
     from optimization.techniques.tensorflow.distillation import make_distiller
 
-    keep_fraction = float(options["keep_fraction"])
-    if not 0.0 < keep_fraction < 1.0:
-        raise ValueError(f"keep_fraction must be between 0 and 1, not {keep_fraction}")
+    keep_fraction = 1 - float(options["pruning_ratio"])
     progress(span[0], "ranking filters and rebuilding the model", {})
     pruned, surgery = shrink_channels(keras_model, keep_fraction, copy_weights=True)
     epochs, batch_size = int(options["epochs"]), int(options["batch_size"])
@@ -79,10 +72,17 @@ def prune_filters_finetuned(keras_model, dataset, options: dict, progress, span,
         message="fine-tuning the pruned model" + (" (distilled from the original)" if distill else ""))
     params_before, macs_before = count_params_macs(keras_model)
     params_after, macs_after = count_params_macs(pruned)
-    return pruned, {**surgery, "keep_fraction": keep_fraction, "epochs": epochs,
+    return pruned, {**surgery, "pruning_ratio": float(options["pruning_ratio"]), "epochs": epochs,
+                    "channels_kept": channels_kept(surgery),
                     "distilled_from_original": distill, "learning_rate_schedule": "cosine",
                     "params_before": params_before, "params_after": params_after,
                     "macs_before": macs_before, "macs_after": macs_after}
+
+
+def channels_kept(surgery: dict) -> float:
+    """The share of filters kept over the layers whose channels shrank."""
+    before = sum(layer["channels_before"] for layer in surgery["pruned_layers"])
+    return round(sum(layer["channels_after"] for layer in surgery["pruned_layers"]) / before, 4) if before else 1.0
 
 
 # ----------------------------------------------------------------------------- surgery

@@ -17,7 +17,6 @@ PRUNING_SETUP = 4.0
 class Technique(BaseOptimization):
     name = "prune_unstructured"
     framework = "tensorflow"
-    defaults = {"target_sparsity": 0.5, "epochs": 3, "learning_rate": 5e-4, "batch_size": 32}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
@@ -41,7 +40,9 @@ class Technique(BaseOptimization):
             size_note="the dense .tflite stores every zero, so it is NOT smaller than the "
                       "original; the gain shows in compressed_size_bytes (gzip -9) or a sparse runtime",
         )
-        return technique_result(self.name, config, pruned, deploy, details)
+        return technique_result(self.name, config, pruned, deploy, details).record(
+            precision="fp32", sparsity=details.pop("sparsity"), epochs=details.pop("epochs"),
+            compressed_size_bytes=details.pop("compressed_size_bytes"))
 
 
 def prune_magnitude_finetuned(keras_model, dataset, options: dict, progress, span, seed=0):

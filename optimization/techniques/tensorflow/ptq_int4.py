@@ -64,7 +64,6 @@ class Technique(BaseOptimization):
     name = "ptq_int4"
     framework = "tensorflow"
     post_training = True
-    defaults = {"scheme": "w4a8"}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import (
@@ -86,8 +85,6 @@ class Technique(BaseOptimization):
             tflite_weights, write_bytes, xnnpack_partitions)
 
         scheme = self.options(config)["scheme"]
-        if scheme not in SCHEMES:
-            raise ValueError(f"ptq_int4 scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
         output_dir = Path(config.output_dir)
         progress(0.05, "exporting the FP32 .tflite to quantize", {})
         float_path = convert_to_tflite(model.module, output_dir / f"{self.name}_fp32_source.tflite")
@@ -119,7 +116,8 @@ class Technique(BaseOptimization):
         details["xnnpack"] = {"partitions": partitions, "ops_left_to_builtin_kernels": left_out}
         details["native_note"] = ("the .keras file is the unchanged FP32 model; INT4 lives in "
                                   "the .tflite")
-        return technique_result(self.name, config, model.module, deploy, details)
+        return technique_result(self.name, config, model.module, deploy, details).record(
+            precision="int4").record_weight_bits()
 
 
 def why_wider(layer: dict) -> str:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig, TechniqueNotApplicable
+from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
 
-GRANULARITIES = ("auto", "per_channel", "per_tensor")
 # "auto" takes per-tensor only for a real saving, not for a few bytes at any accuracy risk
 AUTO_MIN_SAVING = 0.05
 # the accuracy check runs on at most this many training samples
@@ -26,7 +25,6 @@ class Technique(BaseOptimization):
     name = "ptq_int8"
     framework = "tensorflow"
     post_training = True
-    defaults = {"calibration_samples": 200, "weight_granularity": "auto", "auto_max_drop_pts": 0.5}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds
@@ -40,9 +38,6 @@ class Technique(BaseOptimization):
 
         options = self.options(config)
         granularity = options["weight_granularity"]
-        if granularity not in GRANULARITIES:
-            raise TechniqueNotApplicable(f"ptq_int8 weight_granularity must be one of "
-                                         f"{', '.join(GRANULARITIES)}, not {granularity!r}")
         calibration_x = dataset.x_calib[:int(options["calibration_samples"])]
         output_dir = Path(config.output_dir)
         deploy = output_dir / f"{self.name}.tflite"
@@ -88,4 +83,5 @@ class Technique(BaseOptimization):
             "io": "float32 input and output (quantized inside), a drop-in for the FP32 file",
             "native_note": "the .keras file is the unchanged FP32 model; INT8 lives in the .tflite",
         }
-        return technique_result(self.name, config, model.module, deploy, details)
+        return technique_result(self.name, config, model.module, deploy, details).record(
+            precision="int8", calibration_samples=len(calibration_x)).record_weight_bits()

@@ -34,7 +34,6 @@ QAT_CONVERSION = 3.0
 class Technique(BaseOptimization):
     name = "qat"
     framework = "tensorflow"
-    defaults = {"epochs": 2, "learning_rate": 1e-4, "batch_size": 32}
 
     def estimate_time(self, model_info: dict, config: TechniqueConfig) -> float:
         from optimization.backends.tensorflow import conversion_seconds, training_seconds
@@ -55,14 +54,15 @@ class Technique(BaseOptimization):
         progress(0.85, "converting to INT8 .tflite", {})
         deploy = convert_to_tflite(quantized, Path(config.output_dir) / f"{self.name}.tflite",
                                    dataset.x_calib)
-        details = {"precision": "int8", "epochs": epochs, "weights_bits": 8, "activations_bits": 8,
+        details = {"weights_bits": 8, "activations_bits": 8,
                    "layers_not_annotated": not_annotated,
                    "activation_ranges": f"calibrated on {len(dataset.x_calib)} samples before "
                                         "fine-tuning (tfmot's own start: [-6, 6])",
                    "native_note": "the .keras file holds the QAT model; load it inside "
                                   "tfmot.quantization.keras.quantize_scope()"}
         return technique_result(self.name, config, quantized, deploy, details,
-                                counted_model=model.module)
+                                counted_model=model.module).record(
+            precision="int8", epochs=epochs, calibration_samples=len(dataset.x_calib)).record_weight_bits()
 
 
 def quantize_aware(keras_model, calibration_x, scheme=None):
