@@ -10,7 +10,8 @@ import zipfile
 
 import pytest
 
-pytestmark = pytest.mark.django_db
+# transaction=True: the worker task's heartbeat thread writes on its own connection, which must see the rows
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def bundle_files(response) -> dict[str, bytes]:

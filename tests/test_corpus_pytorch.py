@@ -14,7 +14,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from optimization.base import TECHNIQUES
 from tests.test_full_experiments import npz, prototype_dataset
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+# transaction=True: the worker task's heartbeat thread writes on its own connection, which must see the rows
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 torch = pytest.importorskip("torch")
 try:

@@ -13,7 +13,8 @@ import pytest
 from experiments import tasks
 from experiments.models import Experiment, ModelFile, OptimizationRun
 
-pytestmark = pytest.mark.django_db
+# transaction=True: the worker task's heartbeat thread writes on its own connection, which must see the rows
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
