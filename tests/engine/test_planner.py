@@ -47,7 +47,9 @@ def test_budget_plan_skips_training_that_cannot_win_and_recommends_as_well_in_le
     training = set(catalog.FINE_TUNING_TECHNIQUES)
     assert set(skipped) & training, budget.runs
     assert all(reason.startswith(("cannot beat", "cannot meet")) for reason in skipped.values())
-    assert budget.order[:2] == ["ptq_int8", "ptq_int4"]  # cheapest first
+    # cheapest first by the techniques' own estimates: ptq_int8 leads; w4a8 INT4's per-layer
+    # sensitivity search now estimates dearer than a channel cut on the demo, so it comes later
+    assert budget.order[0] == "ptq_int8" and "ptq_int4" in budget.order
     assert all(run["status"] != "skipped" for run in every.runs.values())
     assert budget_wall < every_wall
     assert budget.recommended["satisfied"] and every.recommended["satisfied"]
