@@ -19,6 +19,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils.text import slugify
 
+from optimization.atomic import fsync_path
 from optimization.catalog import MODEL_SUFFIXES
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -154,15 +155,6 @@ def temp_dir() -> Path:
     return folder
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable: the folder's entry, not only the file's bytes, reaches disk."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def atomic_write(path: Path, chunks: Iterable[bytes], action: str = "save the file") -> int:
     """Write `chunks` to `path` so that it either holds all of them or does not change: the
     bytes go to a hidden temporary name in the same folder, are fsynced, then renamed over
@@ -184,7 +176,7 @@ def atomic_write(path: Path, chunks: Iterable[bytes], action: str = "save the fi
             os.fsync(out.fileno())
         os.replace(partial, path)
         partial = None
-        _fsync_folder(path.parent)
+        fsync_path(path.parent)
         return size
     except OSError as exc:
         raise StorageWriteError.from_os_error(exc, action) from None
@@ -200,7 +192,7 @@ def move_into_place(source: Path, destination: Path, action: str = "save the fil
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(resolve(source), destination)
-        _fsync_folder(destination.parent)
+        fsync_path(destination.parent)
     except OSError as exc:
         raise StorageWriteError.from_os_error(exc, action) from None
 

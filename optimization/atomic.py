@@ -34,16 +34,17 @@ def atomic_output(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield partial
-        _fsync(partial)
+        fsync_path(partial)
         os.replace(partial, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         raise ArtifactWriteError(_describe(exc, path.name)) from exc
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (what makes a rename durable), to disk."""
     handle = os.open(path, os.O_RDONLY)
     try:
         os.fsync(handle)
