@@ -9,7 +9,17 @@ The model, per fused kernel of the op graph (optimization.graph):
 
     efficiency = exp(runtime_fp32[runtime] + kind[kernel class] + uarch[core]
                      (+ int8_shared + int8_gain[runtime] + int8_kind[kernel class]
-                        + int8_runtime_kind[runtime, kernel class] for int8/int4 kernels))
+                        + int8_runtime_kind[runtime, kernel class] for int8/int4 kernels)
+                     (+ isa_armv7[fp32 or int8] for a 32-bit ARMv7 build))
+
+A 32-bit (ARMv7) build of the same runtime on the same core has 16 instead of 32 128-bit NEON
+registers, so smaller GEMM register tiles, and other hand-written kernels; the published
+32-bit/64-bit pairs (XNNPACK's RPi 4 columns, Q-engineering's two TensorFlow Lite apps) differ
+mostly for int8, hence one term per precision. The estimator itself predicts 64-bit builds
+(the Raspberry Pi OS default); the terms only keep 32-bit calibration points from biasing the
+fit. A runtime that computes float models in half precision on cores with ARMv8.2 FP16
+arithmetic (ncnn does by default) uses the core's fp16 peak and two-byte activations for its
+float kernels.
 
 The INT8 gain differs by kernel class because the kernels differ: a 1x1 or 3x3 convolution
 is a deep GEMM whose int8 inner loop does twice the fp32 MACs per instruction, a depthwise
@@ -65,6 +75,7 @@ def parameter_names() -> list[str]:
             + [f"int8_runtime_kind:{r}:{k}" for r in FIT_RUNTIMES for k in INT8_KINDS]
             + [f"kind:{k}" for k in FITTED_KINDS]
             + [f"uarch:{u}" for u in uarchs]
+            + ["isa_armv7:fp32", "isa_armv7:int8"]
             + ["thread_scaling_logit", "int8_thread_scaling", "log_op_overhead_s", "log_bandwidth_fraction",
                "log_output_cost_macs", "log_int8_elementwise_cycles", "log_roofline_sharpness"])
 
@@ -131,8 +142,9 @@ def op_table(graph: Graph, precision: str | None = None) -> dict:
 
 
 def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, parameters: dict,
-                      clock_ghz: float | None = None) -> float:
-    """Latency in seconds of one inference (the model in the module docstring)."""
+                      clock_ghz: float | None = None, isa: str = "aarch64") -> float:
+    """Latency in seconds of one inference (the model in the module docstring); `isa` is
+    "armv7" for a 32-bit build of the runtime."""
     clock = (clock_ghz or profile["clock_ghz"]) * 1e9
     used = max(1, min(int(threads), int(profile["cores"])))
     def cores_eff(logit):
@@ -149,11 +161,15 @@ def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, pa
     kind_log = np.array([parameters.get(f"kind:{k}", 0.0) for k in table["kind"]])
     if load_profiles()["runtimes"][runtime].get("winograd_3x3"):
         kind_log = np.where(table["winograd"], parameters["kind:conv_winograd"], kind_log)
+    if isa == "armv7":
+        base = base + np.where(table["integer"], parameters["isa_armv7:int8"], parameters["isa_armv7:fp32"])
     efficiency = np.exp(base + kind_log + np.where(table["integer"], int8, 0.0))
     per_cycle = profile["macs_per_cycle_per_core"]
-    uses_dotprod = load_profiles()["runtimes"][runtime]["uses_dotprod"]
-    int8_per_cycle = per_cycle.get("int8_dotprod", per_cycle["int8"]) if uses_dotprod else per_cycle["int8"]
-    peak = np.where(table["integer"], int8_per_cycle, per_cycle["fp32"]) * clock * cores
+    runtime_info = load_profiles()["runtimes"][runtime]
+    int8_per_cycle = per_cycle.get("int8_dotprod", per_cycle["int8"]) if runtime_info["uses_dotprod"] else per_cycle["int8"]
+    half_precision = bool(runtime_info.get("fp16_arithmetic")) and "fp16" in per_cycle
+    float_per_cycle = per_cycle["fp16"] if half_precision else per_cycle["fp32"]
+    peak = np.where(table["integer"], int8_per_cycle, float_per_cycle) * clock * cores
     # each output element also costs a fixed amount of work (accumulator setup, requantize,
     # store): shallow reductions (depthwise, narrow 1x1) run far below peak because of it
     work = table["macs"] + math.exp(parameters["log_output_cost_macs"]) * table["outputs"]
@@ -164,7 +180,7 @@ def predict_latency_s(table: dict, profile: dict, runtime: str, threads: int, pa
     compute = compute + np.where(requantize, math.exp(parameters["log_int8_elementwise_cycles"]) * table["outputs"]
                                  / (clock * cores), 0.0)
     bandwidth = profile["memory_bandwidth_gbps"] * 1e9 * math.exp(parameters["log_bandwidth_fraction"])
-    memory = table["bytes"] / bandwidth
+    memory = np.where(half_precision & ~table["integer"], 0.5, 1.0) * table["bytes"] / bandwidth
     overhead = math.exp(parameters["log_op_overhead_s"])
     # a soft maximum: a kernel near the ridge point neither fully overlaps its loads with its
     # arithmetic nor fully serialises them

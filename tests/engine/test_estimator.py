@@ -89,11 +89,12 @@ def test_latency_rises_with_macs(files):
 def test_int8_is_faster_on_every_board_where_the_calibration_measured_it_faster(files):
     points = [p for p in estimator.load_calibration()["points"] if p["use"]]
     measured_faster = set()
-    key = lambda p: (p["source"], p["device"], p["model"], p["threads"])  # noqa: E731
+    key = lambda p: (p["source"], p["device"], p["model"], p["threads"], p.get("isa", ""))  # noqa: E731
     for _, group in itertools.groupby(sorted(points, key=key), key=key):
         by_precision = {p["precision"]: p for p in group}
-        if {"fp32", "int8"} <= set(by_precision):
-            assert by_precision["int8"]["latency_ms"] < by_precision["fp32"]["latency_ms"]
+        # not every pair is faster in int8: ncnn runs float networks in fp16 on the Pi 5, where
+        # ResNet-18 on one thread measured slower in int8
+        if {"fp32", "int8"} <= set(by_precision) and by_precision["int8"]["latency_ms"] < by_precision["fp32"]["latency_ms"]:
             measured_faster.add(by_precision["int8"]["device"])
     assert measured_faster
     for device in measured_faster | {"rpi5"}:
@@ -142,6 +143,21 @@ def test_int8_speedup_depends_on_the_kernel_mix_the_way_the_fit_says(tmp_path, m
     low, high = sorted((1.0, fitted_ratio))
     assert low * 0.99 <= shift <= high * 1.01
     assert abs(math.log(shift)) > 0.5 * abs(math.log(fitted_ratio)), "the MACs of both graphs should be compute bound"
+
+
+def test_a_runtime_computing_floats_in_fp16_gets_the_half_precision_rate_only_where_the_core_has_it(files):
+    table = estimator.op_table(load_graph(files["wide"]))
+    parameters = estimator.load_fitted()["parameters"]
+    rpi5 = estimator.device_profile("rpi5")
+    rates = {k: v for k, v in rpi5["macs_per_cycle_per_core"].items() if k != "fp16"}
+    without_fp16 = dict(rpi5, macs_per_cycle_per_core=rates)
+
+    def latency(profile, runtime):
+        return estimator.predict_latency_s(table, profile, runtime, 4, parameters)
+
+    # ncnn computes float networks in fp16 on an ARMv8.2 core; TensorFlow Lite does not unless asked
+    assert latency(rpi5, "ncnn") < latency(without_fp16, "ncnn")
+    assert latency(rpi5, "tflite") == latency(without_fp16, "tflite")
 
 
 def test_precision_defaults_to_what_the_file_contains(files):
