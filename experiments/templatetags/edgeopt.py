@@ -33,25 +33,24 @@ def duration_ms(value) -> str:
 @register.filter
 def size_bytes(value) -> str:
     """Binary units, as the size constraints count them (MB = 2^20 bytes)."""
-    if value in (None, ""):
-        return DASH
-    value = float(value)
-    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
-        if value >= scale:
-            return f"{_significant(value / scale)} {unit}"
-    return f"{int(value)} bytes"
+    return _scaled(value, (("MB", 2**20), ("KB", 2**10)), "{:.0f} bytes")
 
 
 @register.filter
 def count(value) -> str:
     """12345678 -> "12.3 M"."""
-    if value in (None, ""):
+    return _scaled(value, (("G", 1e9), ("M", 1e6), ("k", 1e3)), "{:.0f}")
+
+
+def _scaled(value, units, below_smallest: str) -> str:
+    """The largest unit the value reaches, three significant digits; below_smallest otherwise."""
+    if value in (None, ""):  # "" is what a template gives for a missing value
         return DASH
     value = float(value)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in units:
         if value >= scale:
             return f"{_significant(value / scale)} {unit}"
-    return f"{value:.0f}"
+    return below_smallest.format(value)
 
 
 @register.filter
