@@ -50,6 +50,7 @@ def convert(path: Path, input_shape: tuple) -> tuple[torch.nn.Module | None, dic
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.momentum = BATCH_NORM_MOMENTUM
     _constant_reshapes_as_calls(module)
+    _per_channel_constants_as_parameters(module)
     module.eval()
     samples = np.random.default_rng(0).standard_normal((CHECK_SAMPLES, *input_shape)).astype(np.float32)
     session = ort_session(path)
@@ -161,6 +162,30 @@ def _constant_reshapes_as_calls(module: torch.fx.GraphModule) -> None:
     graph.eliminate_dead_code()
     module.delete_all_unused_submodules()
     module.recompile()
+
+
+def _per_channel_constants_as_parameters(module: torch.fx.GraphModule) -> None:
+    """onnx2torch keeps every initializer as a buffer. The ones an Add/Sub/Mul/Div applies per
+    channel (ConvNeXt's layer scale, a bias the exporter split from its layer) were parameters
+    in the model exported: as parameters again they are trained, and Torch-Pruning removes their
+    entries along with the channels they scale (it prunes an unwrapped parameter along its one
+    dimension longer than 1) instead of leaving a full-width tensor the narrowed layers no
+    longer broadcast with."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        owner_name, _, name = node.target.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        value = getattr(owner, name)
+        if (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
+                or not value.is_floating_point() or sum(size > 1 for size in value.shape) != 1):
+            continue
+        if all(user.op == "call_module" and isinstance(module.get_submodule(user.target), OnnxBinaryMathOperation)
+               for user in node.users):
+            delattr(owner, name)
+            owner.register_parameter(name, torch.nn.Parameter(value.clone()))
 
 
 def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:

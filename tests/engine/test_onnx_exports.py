@@ -141,3 +141,40 @@ def test_a_legacy_export_keeping_weights_as_inputs_quantizes_to_a_file_fed_by_th
     session = ort.InferenceSession(str(result.artifacts["deploy"]), providers=["CPUExecutionProvider"])
     assert [value.name for value in session.get_inputs()] == ["input"]
     assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) > 0.8
+
+
+class LayerScaleBlock(torch.nn.Module):
+    """A ConvNeXt block in miniature: depthwise conv, channels-last LayerNorm, GELU MLP and a
+    per-channel layer scale, which the legacy exporter writes as a bare initializer."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, width, 2, stride=2)
+        self.dw = torch.nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.up, self.down = torch.nn.Conv2d(width, 2 * width, 1), torch.nn.Conv2d(2 * width, width, 1)
+        self.gamma = torch.nn.Parameter(torch.full((width, 1, 1), 0.5))
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.gamma * self.down(torch.nn.functional.gelu(self.up(y)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_channels_come_out_of_a_converted_legacy_export_with_a_layer_scale(tmp_path):
+    """The layer scale comes back as a parameter, so Torch-Pruning narrows it with its channels."""
+    from optimization.backends.onnx_to_torch import convert
+    from optimization.techniques.pytorch._common import prune_channels
+
+    torch.manual_seed(0)
+    path = export(LayerScaleBlock().eval(), tmp_path / "block.onnx", "legacy", 17)
+    module, note = convert(path, (1, 8, 8))
+    assert note["converted"], note
+
+    pruned, _ = prune_channels(module, (1, 8, 8), 0.5, round_to=None)
+
+    assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in module.parameters())
+    assert any(p.shape == (16, 1, 1) for p in pruned.parameters())  # the layer scale, halved
