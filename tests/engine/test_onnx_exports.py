@@ -123,6 +123,63 @@ def test_the_upload_check_refuses_a_dynamo_export_with_its_weights_in_a_second_f
         check_onnx_file(path, "model.onnx")
 
 
+def test_a_zip_of_a_default_dynamo_export_and_its_data_file_trains_and_deploys_as_one_file(trained, digits, tmp_path):
+    """torch.onnx.export's default writes model.onnx.data beside model.onnx; zipped together
+    they load, convert for training (QAT here), and the deploy file is self-contained. The
+    extracted folder goes with the loaded model."""
+    import gc
+    import zipfile
+
+    from optimization.techniques.pytorch import qat
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    torch.onnx.export(trained, (torch.zeros(2, 1, 8, 8),), str(folder / "model.onnx"), dynamo=True,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch", max=1024)}})
+    assert (folder / "model.onnx.data").exists()
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in folder.iterdir():
+            zipped.write(file, f"export/{file.name}")
+    fp32 = backend.evaluate(trained, digits.x_test, digits.y_test)
+
+    model = backend.BACKEND.load(archive)
+    extracted = model.source_path.parent
+    result = qat.Technique().optimize(model, TechniqueConfig(output_dir=tmp_path / "qat", options={"epochs": 1}),
+                                      digits, lambda *args: None)
+    deploy = tmp_path / "alone" / "qat.onnx"
+    deploy.parent.mkdir()
+    deploy.write_bytes(result.artifacts["deploy"].read_bytes())  # nothing beside it
+
+    assert model.preparation["pytorch_form"]["converted"]
+    assert accuracy(backend.BACKEND, deploy, digits.x_test, digits.y_test) >= fp32 - 0.02
+    del model, result
+    gc.collect()
+    assert not extracted.exists()
+
+
+def test_a_zip_whose_onnx_reads_its_data_from_outside_the_archive_is_refused_by_the_engine(trained, tmp_path):
+    import zipfile
+
+    from optimization.base import UnsafeModelError
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    torch.onnx.export(trained, (torch.zeros(2, 1, 8, 8),), str(folder / "model.onnx"), dynamo=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../model.onnx.data"
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("model.onnx", model.SerializeToString())
+        zipped.write(folder / "model.onnx.data", "model.onnx.data")
+
+    with pytest.raises(UnsafeModelError, match="not one of the files beside the model"):
+        backend.BACKEND.load(archive)
+
+
 def test_a_legacy_export_keeping_weights_as_inputs_quantizes_to_a_file_fed_by_the_image_alone(trained, digits,
                                                                                                tmp_path):
     import onnxruntime as ort
