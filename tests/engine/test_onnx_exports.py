@@ -235,3 +235,29 @@ def test_channels_come_out_of_a_converted_legacy_export_with_a_layer_scale(tmp_p
     assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in module.parameters())
     assert any(p.shape == (16, 1, 1) for p in pruned.parameters())  # the layer scale, halved
+
+
+class GhostSlice(torch.nn.Module):
+    """GhostNet's module: half the channels from a cheap depthwise conv, concatenated and cut
+    back to the output width with a slice, which the legacy exporter writes with constant bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.head = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        x = self.primary(x)
+        x = torch.cat([x, self.cheap(x)], dim=1)[:, :10]
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_legacy_export_slicing_channels_converts_to_a_module_torch_export_traces(tmp_path):
+    torch.manual_seed(0)
+    path = export(GhostSlice().eval(), tmp_path / "ghost.onnx", "legacy", 17)
+    assert "Slice" in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    model = backend.BACKEND.load(path)
+
+    assert model.trainable, model.preparation
+    backend.export_program(model.module, (1, 8, 8))  # what the training techniques do with it
