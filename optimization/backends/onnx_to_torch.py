@@ -49,7 +49,7 @@ def convert(path: Path, input_shape: tuple) -> tuple[torch.nn.Module | None, dic
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.momentum = BATCH_NORM_MOMENTUM
-    _constant_reshapes_as_calls(module)
+    _constant_shape_ops_as_calls(module)
     _per_channel_constants_as_parameters(module)
     module.eval()
     samples = np.random.default_rng(0).standard_normal((CHECK_SAMPLES, *input_shape)).astype(np.float32)
@@ -139,7 +139,7 @@ def _gelu_written_out(node, graph, helper, numpy_helper) -> list:
                     helper.make_node("Mul", [f"{prefix}_half_x", f"{prefix}_plus_one"], [y])]
 
 
-def _constant_reshapes_as_calls(module: torch.fx.GraphModule) -> None:
+def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
     """onnx2torch's Reshape module tests its shape tensor for zeros at run time, which
     torch.export cannot trace (a data-dependent branch); where the shape is a constant without a
     zero, call torch.reshape with it as a tuple instead. Its Slice module reads its starts, ends,
@@ -160,10 +160,10 @@ def _constant_reshapes_as_calls(module: torch.fx.GraphModule) -> None:
                 continue
             call = (torch.reshape, (source, tuple(int(size) for size in value)))
         elif isinstance(layer, OnnxSlice):
-            source, *bounds = node.args
+            source, *bounds = node.args  # starts, ends, then optional axes and steps (None when absent)
             values = [None if bound is None else _constant(module, bound) for bound in bounds]
-            if any((value is None) != (bound is None) or (value is not None and value.ndim != 1)
-                   for value, bound in zip(values, bounds)) or None in values[:2]:
+            given = [value for value, bound in zip(values, bounds) if bound is not None]
+            if None in values[:2] or any(value is None or value.ndim != 1 for value in given):
                 continue
             starts, ends, axes, steps = _slice_bounds(values)
             if any(step <= 0 for step in steps):
