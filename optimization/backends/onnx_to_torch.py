@@ -144,7 +144,11 @@ def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
     torch.export cannot trace (a data-dependent branch); where the shape is a constant without a
     zero, call torch.reshape with it as a tuple instead. Its Slice module reads its starts, ends,
     axes and steps with `.numpy()` on every call, which torch.export refuses; where they are
-    constants (with positive steps), index with Python slices instead."""
+    constants (with positive steps), index with Python slices instead. Its Range module reads
+    all three bounds with `.item()`, which leaves torch.export unable to size the result; where
+    the start and a positive step are constants, only the limit (e.g. the batch size, from a
+    Shape node) is read (range_to)."""
+    from onnx2torch.node_converters.range import OnnxRange
     from onnx2torch.node_converters.reshape import OnnxReshape
     from onnx2torch.node_converters.slice import OnnxSlice
 
@@ -169,6 +173,13 @@ def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
             if any(step <= 0 for step in steps):
                 continue
             call = (constant_slice, (source, tuple(starts), tuple(ends), tuple(axes), tuple(steps)))
+        elif isinstance(layer, OnnxRange):
+            start, limit, delta = node.args
+            start, delta = _constant(module, start), _constant(module, delta)
+            if (start is None or delta is None or start.numel() != 1 or delta.numel() != 1
+                    or start.is_floating_point() or delta.is_floating_point() or int(delta) <= 0):
+                continue
+            call = (range_to, (limit, int(start), int(delta)))
         else:
             continue
         with graph.inserting_before(node):
@@ -194,6 +205,12 @@ def constant_slice(x: torch.Tensor, starts: tuple, ends: tuple, axes: tuple, ste
     for start, end, axis, step in zip(starts, ends, axes, steps):
         index[axis] = slice(start, end, step)
     return x[tuple(index)]
+
+
+def range_to(limit: torch.Tensor, start: int, step: int) -> torch.Tensor:
+    """ONNX Range from constant `start` and positive `step` to a computed `limit` (empty below
+    the start, as ONNX gives): torch.export sizes it by max(limit, start), never negative."""
+    return torch.arange(start, torch.sym_max(limit.item(), start), step)
 
 
 def _constant(module: torch.fx.GraphModule, node) -> torch.Tensor | None:

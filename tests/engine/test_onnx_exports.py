@@ -261,3 +261,28 @@ def test_a_legacy_export_slicing_channels_converts_to_a_module_torch_export_trac
 
     assert model.trainable, model.preparation
     backend.export_program(model.module, (1, 8, 8))  # what the training techniques do with it
+
+
+class BatchIndexed(torch.nn.Module):
+    """Indexes its rows with torch.arange(batch): the exporters write ONNX Range up to a size
+    read from a Shape node (the dynamo exporter writes as_strided this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        logits = self.fc(self.conv(x).mean((2, 3)))
+        return logits[torch.arange(x.shape[0])]
+
+
+def test_a_range_up_to_the_batch_size_converts_to_a_module_torch_export_traces(tmp_path):
+    torch.manual_seed(0)
+    path = export(BatchIndexed().eval(), tmp_path / "range.onnx", "legacy", 17)
+    assert "Range" in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    model = backend.BACKEND.load(path)
+
+    assert model.trainable, model.preparation
+    program = backend.export_program(model.module, (1, 8, 8))
+    assert program.module()(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
