@@ -222,7 +222,7 @@ def _narrowed(width: float, what: str, int8: bool = False) -> AtBest:
 # (tfmot, each prunable layer to the same sparsity, polynomial schedule, cosine rate 3e-4, 8
 # epochs) on MobileNetV2 alpha 0.35 (402k params, 32x32 digits, 98.33%): at 50% it lost 1.67
 # pts (0.28 and 1.67 over two seeds with its smallest layers kept dense; 1.39 in the old 3
-# epochs); at 35% none (-0.28 with the small layers dense). The larger tiers follow gradual
+# epochs); at 35% none (with the small layers dense: -0.28 and 0.00 over two seeds). The larger tiers follow gradual
 # pruning's published results (Zhu & Gupta 2018: MobileNet, 4.2M, about 1 pt at 50%; larger
 # networks at 75% and more), not a measurement here.
 PRUNING_BY_SIZE = (
