@@ -108,7 +108,8 @@ def notes(run: dict) -> str:
             ([f"{choice['epochs']} epochs"] if "epochs" in choice else [])
         parts.append(f"{' and '.join(chosen)} chosen by size ({choice['params']:,} params)")
     if "small_layers_kept_dense" in details:
-        parts.append(f"{len(details['small_layers_kept_dense']['layers'])} small layers kept dense")
+        count = len(details["small_layers_kept_dense"]["layers"])
+        parts.append(f"{count} small layer{'s' if count != 1 else ''} kept dense")
     if "student_alone_accuracy" in details:
         parts.append(f"student alone {details['student_alone_accuracy']:.2%}, "
                      f"distilled {details['student_distilled_accuracy']:.2%} (Keras)")
