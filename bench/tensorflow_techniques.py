@@ -102,6 +102,14 @@ def notes(run: dict) -> str:
                      f"({run['size_bytes'] / details['compressed_size_bytes']:.2f}x smaller compressed)")
     if "sparsity" in details:
         parts.append(f"sparsity {details['sparsity']:.0%}")
+    if details.get("size_choice"):
+        choice = details["size_choice"]
+        chosen = ([f"target {choice['target_sparsity']:.0%}"] if "target_sparsity" in choice else []) + \
+            ([f"{choice['epochs']} epochs"] if "epochs" in choice else [])
+        parts.append(f"{' and '.join(chosen)} chosen by size ({choice['params']:,} params)")
+    if "small_layers_kept_dense" in details:
+        count = len(details["small_layers_kept_dense"]["layers"])
+        parts.append(f"{count} small layer{'s' if count != 1 else ''} kept dense")
     if "student_alone_accuracy" in details:
         parts.append(f"student alone {details['student_alone_accuracy']:.2%}, "
                      f"distilled {details['student_distilled_accuracy']:.2%} (Keras)")

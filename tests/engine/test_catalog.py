@@ -106,6 +106,19 @@ def test_result_fields_are_typed():
         result.record(sparsity_reached=0.5)
 
 
+def test_magnitude_pruning_by_size_prunes_bigger_models_harder_and_fine_tunes_them_shorter():
+    small, medium, large = (catalog.pruning_by_size(n) for n in (400_000, 4_000_000, 40_000_000))
+    assert small["target_sparsity"] < medium["target_sparsity"] < large["target_sparsity"]
+    assert small["epochs"] > medium["epochs"] > large["epochs"]
+    for framework in FRAMEWORKS:  # an empty value means "by size" in both frameworks
+        options = validate_options("prune_unstructured", framework, {"target_sparsity": None, "epochs": 3})
+        filled = catalog.with_pruning_by_size(options, 400_000)
+        assert (filled["target_sparsity"], filled["epochs"]) == (small["target_sparsity"], 3)
+        assert "400,000 parameters" in filled["size_choice"]["reason"]
+    given = catalog.with_pruning_by_size({"target_sparsity": 0.6, "epochs": 3}, 400_000)
+    assert (given["target_sparsity"], given["size_choice"]) == (0.6, None)
+
+
 def test_the_catalog_is_json_and_lists_devices_from_the_profiles():
     data = json.loads(json.dumps(catalog.as_dict()))
     profiles = json.loads((ROOT / "optimization" / "devices" / "profiles.json").read_text())["devices"]

@@ -166,6 +166,16 @@ def test_unstructured_pruning_reaches_its_sparsity_and_compresses_better(run, ba
     assert details["compressed_size_bytes"] < 0.8 * details["baseline_compressed_size_bytes"]
 
 
+def test_unstructured_pruning_with_an_empty_sparsity_chooses_it_by_size_as_tensorflow_does(run, teacher):
+    from optimization.catalog import pruning_by_size
+
+    result = run("prune_unstructured", target_sparsity=None)
+    params = sum(p.numel() for p in teacher.module.parameters())
+    chosen = pruning_by_size(params)["target_sparsity"]
+    assert result.details["size_choice"]["target_sparsity"] == chosen
+    assert abs(result.sparsity - chosen) < 0.01
+
+
 def test_distillation_reports_the_student_with_and_without_the_teacher(run):
     details = run("distillation").details
     assert 0.5 < details["student_test_accuracy_with_teacher"] <= 1.0

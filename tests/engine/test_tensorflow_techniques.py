@@ -213,6 +213,39 @@ def test_unstructured_pruning_reaches_its_sparsity_but_only_the_compressed_file_
     assert result.compressed_size_bytes < 0.7 * result.details["dense_size_bytes"]
 
 
+def test_unstructured_pruning_chooses_its_sparsity_by_model_size_and_says_why(runs, demo):
+    from optimization.catalog import pruning_by_size
+
+    params = count_params_macs(demo[0].module)[0]
+    result, accuracy = runs("prune_unstructured")  # epochs given (1), target_sparsity not
+    choice = result.details["size_choice"]
+    assert choice["params"] == params
+    assert choice["target_sparsity"] == pruning_by_size(params)["target_sparsity"] < 0.5
+    assert "epochs" not in choice  # given, so not chosen
+    assert f"{params:,} parameters" in choice["reason"]
+    assert result.sparsity == pytest.approx(choice["target_sparsity"], abs=0.02)
+    assert result.details["learning_rate_schedule"] == "cosine"
+    assert accuracy >= PLAUSIBLE_ACCURACY
+    given, _ = runs("prune_unstructured", target_sparsity=0.5)
+    assert "size_choice" not in given.details
+
+
+def test_unstructured_pruning_keeps_layers_with_few_weights_dense(runs, demo):
+    from optimization.backends.tensorflow import keras
+    from optimization.techniques.tensorflow._common import MIN_PRUNED_LAYER_WEIGHTS
+
+    result, _ = runs("prune_unstructured", target_sparsity=0.5)
+    small = [layer.name for layer in demo[0].module.layers
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+             and layer.kernel.shape.num_elements() < MIN_PRUNED_LAYER_WEIGHTS]
+    assert small  # the first 3x3 conv over one channel: 288 weights
+    assert result.details["small_layers_kept_dense"]["layers"] == small
+    pruned_model = BACKEND.load(result.artifacts["native"]).module
+    for name in small:
+        assert np.count_nonzero(pruned_model.get_layer(name).kernel.numpy()) == \
+            demo[0].module.get_layer(name).kernel.shape.num_elements()
+
+
 def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
     result, accuracy = runs("prune_structured", pruning_ratio=0.5)
     params, macs = count_params_macs(demo[0].module)
@@ -244,6 +277,17 @@ def test_qat_gives_an_int8_file_at_least_as_accurate_as_ptq(runs, demo):
     _, ptq_accuracy = runs("ptq_int8")
     assert size_ratio(result, demo[1]) <= 0.30
     assert accuracy >= ptq_accuracy - 0.02
+
+
+def test_qat_file_is_as_small_as_ptq_int8_per_tensor(runs, demo):
+    """Per-tensor weight scales by default: at least 3.5x smaller than FP32, within 2% of
+    PTQ's per-tensor file (the same INT8 graph; only the learned weights differ)."""
+    result, _ = runs("qat")
+    ptq, _ = runs("ptq_int8", weight_granularity="per_tensor")
+    assert result.details["weight_granularity"] == "per_tensor"
+    assert weight_scale_counts(result.artifacts["deploy"]) == {1}
+    assert size_ratio(result, demo[1]) <= 1 / 3.5
+    assert result.artifacts["deploy"].stat().st_size <= 1.02 * ptq.artifacts["deploy"].stat().st_size
 
 
 def test_qat_starts_from_the_calibrated_ranges_of_ptq(runs):

@@ -3,7 +3,11 @@ together across layers, torch.nn.utils.prune.global_unstructured) become zero, t
 with the zeros held in place.
 
 A dense ONNX file stores zeros like any other number, so the download is not smaller and
-onnxruntime is not faster; the saving shows only after compression, reported as such."""
+onnxruntime is not faster; the saving shows only after compression, reported as such.
+
+An empty target_sparsity or epochs follows the model's parameter count, as in TensorFlow
+(`catalog.pruning_by_size`); PyTorch's defaults stay 50% and 2 epochs, which global ranking
+holds on its MobileNetV2 (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from optimization.base import TechniqueNotApplicable
+from optimization.catalog import with_pruning_by_size
 from optimization.backends import pytorch as backend
 from optimization.evaluator import compressed_size
 from optimization.techniques.pytorch._common import (
@@ -55,13 +60,13 @@ class Technique(PyTorchTechnique):
     name = "prune_unstructured"
 
     def estimate_time(self, model_info, config) -> float:
-        options = self.options(config)
+        options = with_pruning_by_size(self.options(config), model_info.get("params") or 0)
         return self.training_seconds(model_info, options["epochs"]) + 3 * EXPORT_SECONDS
 
     def optimize(self, model, config, dataset, progress):
         require_trainable(model, self.name)
-        options = self.options(config)
         module = copy_module(model)
+        options = with_pruning_by_size(self.options(config), sum(p.numel() for p in module.parameters()))
         progress(0.02, f"pruning {options['target_sparsity']:.0%} of the weights by magnitude", {})
         masks = prune_globally(module, options["target_sparsity"])
         accuracy_after_pruning = backend.evaluate(module, dataset.x_calib, dataset.y_calib)
@@ -79,6 +84,7 @@ class Technique(PyTorchTechnique):
             "final_train_loss": metrics.get("loss"),
             "note": "masks only: the dense ONNX keeps every weight (zeros included), so its size and "
                     "speed match the baseline; the saving shows compressed",
+            **({"size_choice": options["size_choice"]} if options["size_choice"] else {}),
         }
         result = self.result(config, model, module, details)
         details.update({

@@ -2,7 +2,8 @@
 
 Structured pruning first (default: a quarter of the filters kept, fine-tuned as
 prune_structured does) makes every tensor smaller, which is what shrinks the INT8 file;
-magnitude pruning then zeroes half of what is left, and PQAT (tfmot's
+magnitude pruning then zeroes half of what is left (layers under 1024 weights stay dense,
+see `_common.MIN_PRUNED_LAYER_WEIGHTS`), and PQAT (tfmot's
 Default8BitPrunePreserveQuantizeScheme) fine-tunes in INT8 without refilling those zeros, so
 the sparsity survives into the INT8 `.tflite`, where compression shows it. Each stage reuses
 the code of its own technique.

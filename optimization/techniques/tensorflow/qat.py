@@ -6,8 +6,9 @@ Activation ranges start from the calibration samples, not tfmot's [-6, 6]
 (`_common.quantize_aware`, which says why). Weights are per tensor by default
 (`weight_granularity`): the per-channel file stores a float32 scale and an int64 zero point
 per channel of every weight and bias (see ptq_int8), a quarter of a thin MobileNet's INT8 file
-(MobileNetV2 alpha 0.35: 2.68x smaller than FP32 per channel, 3.71x per tensor); fine-tuning
-with the per-tensor grid in place recovers what the coarser scales cost.
+(MobileNetV2 alpha 0.35 in BENCHMARKS.md: 2.62x smaller than FP32 per channel, 3.59x per
+tensor, PTQ INT8's per-tensor file 3.60x); fine-tuning with the per-tensor grid in place
+recovers what the coarser scales cost.
 """
 from __future__ import annotations
 
