@@ -172,6 +172,17 @@ def test_distillation_reports_the_student_with_and_without_the_teacher(run):
     assert 0.5 < details["student_test_accuracy_without_teacher"] <= 1.0
 
 
+def test_student_cut_from_the_teacher_stays_near_it_and_beats_a_student_from_scratch(run, baseline):
+    """One epoch: a student starting from the teacher's channels keeps the teacher's accuracy
+    within a few points, where the same student from random weights has barely learned."""
+    from_teacher, from_scratch = run("distillation", epochs=1), run("distillation", epochs=1, student_init="random")
+    assert from_teacher.details["student_init"] == "teacher" and "teacher's weights" in from_teacher.details["student"]
+    assert "random" in from_scratch.details["student"]
+    distilled = from_teacher.details["student_test_accuracy_with_teacher"]
+    assert distilled >= baseline["accuracy"] - 0.03
+    assert distilled > from_scratch.details["student_test_accuracy_with_teacher"] + 0.02
+
+
 @pytest.mark.parametrize("name", ["prune_unstructured", "prune_structured", "distillation", "qat", "hybrid"])
 def test_stop_during_training_ends_the_technique_at_once(name, teacher, digits, tmp_path):
     calls = []
