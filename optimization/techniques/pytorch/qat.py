@@ -33,6 +33,21 @@ def fold_batch_norm(module):
         return module
 
 
+def distinct_source_calls(graph_module):
+    """Give each source call in an exported graph its own partition name. torch.export numbers
+    the calls of each function separately (`torch.add` and `Tensor.add` can both yield "add_1")
+    and torch.fx's get_source_partitions groups nodes by the name alone, so two unrelated adds
+    (onnx2torch's Add module and its HardSigmoid's `x.add`) form one partition with two outputs,
+    which torchao's X86 quantizer refuses ("Input partition has more than one output node").
+    The name is made unique per (name, function); the nodes of one call stay together."""
+    for node in graph_module.graph.nodes:
+        source = node.meta.get("torch_fn")
+        if source is not None:
+            name, function = source
+            node.meta["torch_fn"] = (f"{name}@{function}", function)
+    return graph_module
+
+
 class Technique(PyTorchTechnique):
     name = "qat"
 
@@ -54,7 +69,8 @@ class Technique(PyTorchTechnique):
         params, macs = backend.count_params_macs(float_module, model.input_shape)
         progress(0.02, "inserting fake quantization (torchao PT2E, X86 quantizer)", {})
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-        prepared = prepare_qat_pt2e(backend.export_program(float_module, model.input_shape).module(), quantizer)
+        exported = distinct_source_calls(backend.export_program(float_module, model.input_shape).module())
+        prepared = prepare_qat_pt2e(exported, quantizer)
         backend.mark_batch_range(prepared, backend.batch_range(float_module))
         allow_exported_model_train_eval(prepared)  # lets train()/eval() switch batch-norm and fake-quant
         metrics = backend.train(prepared, dataset, options["epochs"], options["learning_rate"], progress,
