@@ -28,11 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from optimization.worker import prepare_worker_process  # noqa: E402
+
+WORKER = prepare_worker_process()  # as the worker does, before a backend loads: one torch thread, no AMX
+
 from bench.common import BENCHMARKS, RESULTS_DIR, bench_model, rewrite_section, targets  # noqa: E402
 from optimization.backends import pytorch as backend  # noqa: E402
 from optimization.base import TECHNIQUES  # noqa: E402
 from optimization.datasets import load_dataset, write_digits_preset  # noqa: E402
-from optimization.hostcpu import keep_matrix_engine_out  # noqa: E402
 from tests.foreign import ARCHITECTURES, FORMATS, save, suffix, timm_model  # noqa: E402
 
 SECTION = "## PyTorch corpus"
@@ -63,7 +66,6 @@ def main() -> None:
                         help="add to the results in corpus_pytorch.json, re-read at each write (a model measured "
                              "again replaces its row), so a timed first run can be extended or runs shared")
     args = parser.parse_args()
-    keep_matrix_engine_out()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-bench-corpus-"))
     preset = work_dir / "preset"
     write_digits_preset(preset)
@@ -109,7 +111,8 @@ def save_results(results_path: Path, results: list[dict], append: bool) -> list[
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {platform.system()}; shared with other jobs, niced"
+    return (f"{platform.processor() or platform.machine()}, {platform.system()}, torch threads {WORKER['torch_threads']}; "
+            "shared with other jobs, niced")
 
 
 def write_section(results: list[dict]) -> None:
