@@ -15,6 +15,7 @@ BENCHMARKS.md.
     nice -n 10 python bench/corpus_pytorch.py [--work-dir DIR] [--side 32] [--architectures a,b]
                                               [--formats pt2,onnx-dynamo] [--pretrain-epochs 15]
                                               [--fine-tuning-epochs 3] [--rotate-formats] [--append]
+                                              [--reuse-trained]
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="add to the results in corpus_pytorch.json, re-read at each write (a model measured "
                              "again replaces its row), so a timed first run can be extended or runs shared")
+    parser.add_argument("--reuse-trained", action="store_true",
+                        help="re-measure the techniques on the model files an earlier run in the same work dir "
+                             "trained and saved (its training time is kept from the results file)")
     args = parser.parse_args()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-bench-corpus-"))
     preset = work_dir / "preset"
@@ -76,18 +80,27 @@ def main() -> None:
     results_path = RESULTS_DIR / "corpus_pytorch.json"
     results = []
     formats = args.formats.split(",")
+    earlier = {result["model"]: result for result in json.loads(results_path.read_text())["results"]} \
+        if args.reuse_trained and results_path.exists() else {}
     for index, family in enumerate(args.architectures.split(",")):
         name = ARCHITECTURES[family]
-        module = timm_model(name, dataset.num_classes)
-        started = time.perf_counter()
-        backend.train(module, dataset, args.pretrain_epochs, PRETRAIN_LR.get(family, DEFAULT_PRETRAIN_LR),
-                      lambda *_: None, cosine=True, batch_size=PRETRAIN_BATCH, message=f"training {name}")
-        trained_s = time.perf_counter() - started
-        print(f"[{name}] pretrained {args.pretrain_epochs} epochs in {trained_s:.0f} s", flush=True)
-        for file_format in [formats[index % len(formats)]] if args.rotate_formats else formats:
-            path = save(module, dataset.input_shape, work_dir / f"{name}-{file_format}{suffix(file_format)}",
-                        file_format)
-            label = f"{name} ({family}) {args.side}x{args.side}, {file_format}"
+        file_formats = [formats[index % len(formats)]] if args.rotate_formats else formats
+        labels = {fmt: f"{name} ({family}) {args.side}x{args.side}, {fmt}" for fmt in file_formats}
+        paths = {fmt: work_dir / f"{name}-{fmt}{suffix(fmt)}" for fmt in file_formats}
+        if all(paths[fmt].exists() and labels[fmt] in earlier for fmt in file_formats):
+            trained_s = earlier[labels[file_formats[0]]]["pretrain_s"]
+            print(f"[{name}] reusing the model files trained earlier ({trained_s:.0f} s)", flush=True)
+        else:
+            module = timm_model(name, dataset.num_classes)
+            started = time.perf_counter()
+            backend.train(module, dataset, args.pretrain_epochs, PRETRAIN_LR.get(family, DEFAULT_PRETRAIN_LR),
+                          lambda *_: None, cosine=True, batch_size=PRETRAIN_BATCH, message=f"training {name}")
+            trained_s = time.perf_counter() - started
+            print(f"[{name}] pretrained {args.pretrain_epochs} epochs in {trained_s:.0f} s", flush=True)
+            for fmt in file_formats:
+                save(module, dataset.input_shape, paths[fmt], fmt)
+        for file_format in file_formats:
+            path, label = paths[file_format], labels[file_format]
             result = bench_model("pytorch", label, path, preset, dataset_name, preprocessing,
                                  work_dir / f"{name}-{file_format}", targets(1.3), technique_options=options)
             result.update(architecture=name, family=family, format=file_format, side=args.side,
