@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
 import uuid
 import zipfile
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from django.db.models import Sum
 from optimization import catalog
 from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
 from optimization.catalog import DATASET_SUFFIXES, IMAGE_SUFFIXES, MODEL_SUFFIXES
-from optimization.safety.archives import check_zip_archive
+from optimization.safety.archives import check_zip_archive, safe_extract_zip
 from optimization.safety.images import check_zipped_images
 from optimization.safety.savedmodel_check import check_saved_model_ops
 from optimization.zoo.layouts import check_architecture_name
@@ -211,7 +212,7 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
         words = " or ".join(CONTENT_WORDS[c] for c in expected)
         raise ServiceError(f"{original_name!r} is not a valid {suffix} file: it should be {words}", field="file")
     if "zip" in expected and _sniff(path) == "zip":
-        _check_zip_layout(path, suffix, kind, original_name)
+        _check_zip_layout(path, suffix, kind, framework, original_name)
     try:
         if suffix == ".npz":
             from optimization.safety.npz_check import check_samples_fit, read_npz_headers
@@ -232,7 +233,7 @@ def _check_content(path: Path, suffix: str, kind: str, framework: str, original_
             from optimization.safety.keras_check import check_keras_file
 
             check_keras_file(path)
-        elif suffix == ".zip" and kind == "model":
+        elif suffix == ".zip" and kind == "model" and framework == "tensorflow":
             from optimization.safety.savedmodel_check import inspect_savedmodel_zip
 
             options.update(inspect_savedmodel_zip(path))  # e.g. post_training_only: why
@@ -273,9 +274,11 @@ def _check_torch_file(path: Path, suffix: str, label: str, options: dict, known_
                 f"{dims['in_channels']},32,32", field="input_shape")
 
 
-def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) -> None:
-    """Entries stay inside the archive, and the archive holds what its kind needs. The
-    engine extracts with its own safe extractor; this refuses the obvious early."""
+def _check_zip_layout(path: Path, suffix: str, kind: str, framework: str, original_name: str) -> None:
+    """Entries stay inside the archive, and the archive holds what its kind needs: a dataset
+    class folders of images, a TensorFlow model a SavedModel, a PyTorch model one ONNX file
+    whose external data are files beside it in the archive. The engine extracts with its own
+    safe extractor; this refuses the obvious early."""
     try:
         members = check_zip_archive(path, repr(original_name))
     except (zipfile.BadZipFile, UnsafeModelError, InvalidInputError) as exc:
@@ -293,7 +296,9 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
             check_zipped_images(path, images, repr(original_name), max_dataset_bytes())
         except InvalidInputError as exc:
             raise ServiceError(str(exc), field="file") from None
-    if suffix == ".zip" and kind == "model":
+    if suffix == ".zip" and kind == "model" and framework == "pytorch":
+        _check_onnx_archive(path, [m.filename for m in members if not m.is_dir()], original_name)
+    elif suffix == ".zip" and kind == "model":
         graphs = [m for m in members if PurePosixPath(m.filename).name == "saved_model.pb"]
         if not graphs:
             raise ServiceError(f"{original_name!r} is not a SavedModel: it has no saved_model.pb", field="file")
@@ -303,6 +308,23 @@ def _check_zip_layout(path: Path, suffix: str, kind: str, original_name: str) ->
                     check_saved_model_ops(archive.read(graph), repr(original_name))
         except (UnsafeModelError, InvalidInputError) as exc:
             raise ServiceError(str(exc), field="file") from None
+
+
+def _check_onnx_archive(path: Path, names: list[str], original_name: str) -> None:
+    """The ONNX file of the archive passes the .onnx upload checks, its external data read
+    only from files beside it in the archive. onnx's checker opens those files, so the archive
+    is unpacked (by the safe extractor, under the archive limits just checked) to a temporary
+    folder first."""
+    from optimization.safety.onnx_check import check_onnx_file, onnx_archive_layout
+
+    label = repr(original_name)
+    try:
+        model_name, beside = onnx_archive_layout(names, label)
+        with tempfile.TemporaryDirectory(dir=storage.temp_dir()) as folder:
+            safe_extract_zip(path, Path(folder))
+            check_onnx_file(Path(folder) / model_name, f"{label} ({model_name})", beside)
+    except (UnsafeModelError, InvalidInputError) as exc:
+        raise ServiceError(str(exc), field="file") from None
 
 
 def place_upload(experiment: Experiment, checked: CheckedUpload) -> ModelFile:

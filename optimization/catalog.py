@@ -42,7 +42,7 @@ BOTH = FRAMEWORKS
 
 # Formats a framework loads, in the order a pretrained model is picked when several exist.
 MODEL_SUFFIXES = {
-    "pytorch": (".pt2", ".pt", ".pth", ".onnx"),
+    "pytorch": (".pt2", ".pt", ".pth", ".onnx", ".zip"),  # .zip: an .onnx with its external data
     "tensorflow": (".keras", ".h5", ".zip"),
 }
 DATASET_SUFFIXES = (".npz", ".zip")

@@ -132,16 +132,19 @@ def test_a_timm_pt2_with_a_batch_range_below_the_training_batch_completes_all_se
     assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)
 
 
-def test_a_timm_convnext_legacy_onnx_export_runs_the_post_training_techniques(client, monkeypatch, data, tmp_path):
-    """LayerNorm and GELU, written by the TorchScript-based exporter with a dynamic batch axis."""
+def test_a_timm_convnext_legacy_onnx_export_runs_quantization_and_channel_pruning(client, monkeypatch, data,
+                                                                                  tmp_path):
+    """LayerNorm and GELU, written by the TorchScript-based exporter with a dynamic batch axis;
+    its layer scales are bare initializers that channel pruning must narrow with their channels."""
     from tests.foreign import save
 
     path = save(trained_timm("convnext_atto", data, epochs=2), (3, SIDE, SIDE), tmp_path / "convnext.onnx",
                 "onnx-legacy")
+    techniques = ("ptq_int8", "ptq_int4", "prune_structured", "distillation", "hybrid")
 
-    experiment_id, results = run_in_process(client, monkeypatch, path, data, techniques=("ptq_int8", "ptq_int4"))
+    experiment_id, results = run_in_process(client, monkeypatch, path, data, techniques=techniques)
 
-    assert [run["status"] for run in results["runs"]] == ["completed", "completed"]
+    assert [run["status"] for run in results["runs"]] == ["completed"] * 5, [run["error"] for run in results["runs"]]
     assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)
 
 
@@ -155,4 +158,26 @@ def test_a_timm_efficientnet_style_torchscript_file_runs_quantization_and_qat(cl
                                             input_shape=[3, SIDE, SIDE])
 
     assert [run["status"] for run in results["runs"]] == ["completed"] * 3, [run["error"] for run in results["runs"]]
+    assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)
+
+
+def test_a_zip_of_a_timm_dynamo_export_with_its_external_data_file_uploads_and_runs(client, monkeypatch, data,
+                                                                                    mobilenet, tmp_path):
+    """torch.onnx.export's default: the weights in model.onnx.data beside model.onnx."""
+    import zipfile
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    torch.onnx.export(mobilenet, (torch.zeros(2, 3, SIDE, SIDE),), str(folder / "model.onnx"), dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+    assert (folder / "model.onnx.data").exists()
+    archive = tmp_path / "mnv3.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in folder.iterdir():
+            zipped.write(file, file.name)
+
+    experiment_id, results = run_in_process(client, monkeypatch, archive, data, techniques=("ptq_int8", "qat"))
+
+    assert [run["status"] for run in results["runs"]] == ["completed", "completed"], results["runs"]
+    assert results["baseline"]["accuracy"] > 0.5
     assert_downloads_reproduce_the_reported_accuracy(client, experiment_id, results, data)

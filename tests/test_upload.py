@@ -246,3 +246,72 @@ def test_state_dict_with_an_input_shape_of_other_channels_returns_400(client, ne
 
     assert response.status_code == 400
     assert "take 1" in response.json()["error"]
+
+
+def onnx_with_external_weights(location: str) -> tuple[bytes, bytes]:
+    """(a Flatten -> MatMul model whose weight lives in an external file at `location`, that
+    file's bytes): what torch.onnx.export writes by default, built with onnx alone."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+    tensor = numpy_helper.from_array(weight, "weight")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(weight.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], initializer=[tensor])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString(), weight.tobytes()
+
+
+def test_a_zip_of_an_onnx_model_and_its_external_data_file_is_accepted(client, new_experiment, storage_root):
+    experiment = new_experiment()
+    model, data = onnx_with_external_weights("model.onnx.data")
+
+    response = upload(client, experiment, SimpleUploadedFile(
+        "export.zip", zip_bytes({"export/model.onnx": model, "export/model.onnx.data": data})))
+
+    assert response.status_code == 200, response.json()
+    assert response.json()["status"] == "ready"
+    assert ModelFile.objects.get(experiment=experiment, role="upload").path.endswith(".zip")
+
+
+@pytest.mark.parametrize("location", ["../model.onnx.data", "/etc/passwd", "other.data", "C:\\model.onnx.data"])
+def test_an_onnx_zip_whose_data_location_is_not_a_file_beside_the_model_returns_400(client, new_experiment,
+                                                                                   location):
+    experiment = new_experiment()
+    model, data = onnx_with_external_weights(location)
+
+    response = upload(client, experiment, SimpleUploadedFile(
+        "export.zip", zip_bytes({"export/model.onnx": model, "export/model.onnx.data": data, "model.onnx.data": data})))
+
+    assert response.status_code == 400
+    assert "not one of the files beside the model" in response.json()["error"]
+    assert Experiment.objects.get(pk=experiment.pk).status == "created"
+
+
+def test_an_onnx_zip_must_hold_exactly_one_model(client, new_experiment):
+    experiment = new_experiment()
+    model, data = onnx_with_external_weights("model.onnx.data")
+
+    two = upload(client, experiment, SimpleUploadedFile(
+        "export.zip", zip_bytes({"a.onnx": model, "b.onnx": model, "model.onnx.data": data})))
+    none = upload(client, experiment, SimpleUploadedFile("export.zip", zip_bytes({"model.onnx.data": data})))
+
+    assert two.status_code == none.status_code == 400
+    assert "exactly one .onnx model" in two.json()["error"] and "holds 0" in none.json()["error"]
+
+
+def test_a_lone_onnx_with_external_data_returns_400_asking_for_the_zip(client, new_experiment):
+    experiment = new_experiment()
+    model, _ = onnx_with_external_weights("model.onnx.data")
+
+    response = upload(client, experiment, SimpleUploadedFile("model.onnx", model))
+
+    assert response.status_code == 400
+    assert "upload a .zip holding the .onnx and its data file(s)" in response.json()["error"]

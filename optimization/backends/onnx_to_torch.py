@@ -49,7 +49,8 @@ def convert(path: Path, input_shape: tuple) -> tuple[torch.nn.Module | None, dic
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.momentum = BATCH_NORM_MOMENTUM
-    _constant_reshapes_as_calls(module)
+    _constant_shape_ops_as_calls(module)
+    _per_channel_constants_as_parameters(module)
     module.eval()
     samples = np.random.default_rng(0).standard_normal((CHECK_SAMPLES, *input_shape)).astype(np.float32)
     session = ort_session(path)
@@ -138,29 +139,116 @@ def _gelu_written_out(node, graph, helper, numpy_helper) -> list:
                     helper.make_node("Mul", [f"{prefix}_half_x", f"{prefix}_plus_one"], [y])]
 
 
-def _constant_reshapes_as_calls(module: torch.fx.GraphModule) -> None:
+def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
     """onnx2torch's Reshape module tests its shape tensor for zeros at run time, which
     torch.export cannot trace (a data-dependent branch); where the shape is a constant without a
-    zero, call torch.reshape with it as a tuple instead."""
+    zero, call torch.reshape with it as a tuple instead. Its Slice module reads its starts, ends,
+    axes and steps with `.numpy()` on every call, which torch.export refuses; where they are
+    constants (with positive steps), index with Python slices instead. Its Range module reads
+    all three bounds with `.item()`, which leaves torch.export unable to size the result; where
+    the start and a positive step are constants, only the limit (e.g. the batch size, from a
+    Shape node) is read (range_to)."""
+    from onnx2torch.node_converters.range import OnnxRange
     from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.slice import OnnxSlice
 
     graph = module.graph
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), OnnxReshape):
+        if node.op != "call_module":
             continue
-        source, shape = node.args
-        if not isinstance(shape, torch.fx.Node) or shape.op != "get_attr":
-            continue
-        value = _attribute(module, shape.target)
-        if value.ndim != 1 or bool((value == 0).any()):
+        layer = module.get_submodule(node.target)
+        if isinstance(layer, OnnxReshape):
+            source, shape = node.args
+            value = _constant(module, shape)
+            if value is None or value.ndim != 1 or bool((value == 0).any()):
+                continue
+            call = (torch.reshape, (source, tuple(int(size) for size in value)))
+        elif isinstance(layer, OnnxSlice):
+            source, *bounds = node.args  # starts, ends, then optional axes and steps (None when absent)
+            values = [None if bound is None else _constant(module, bound) for bound in bounds]
+            given = [value for value, bound in zip(values, bounds) if bound is not None]
+            if None in values[:2] or any(value is None or value.ndim != 1 for value in given):
+                continue
+            starts, ends, axes, steps = _slice_bounds(values)
+            if any(step <= 0 for step in steps):
+                continue
+            call = (constant_slice, (source, tuple(starts), tuple(ends), tuple(axes), tuple(steps)))
+        elif isinstance(layer, OnnxRange):
+            start, limit, delta = node.args
+            start, delta = _constant(module, start), _constant(module, delta)
+            if (start is None or delta is None or start.numel() != 1 or delta.numel() != 1
+                    or start.is_floating_point() or delta.is_floating_point() or int(delta) <= 0):
+                continue
+            call = (range_to, (limit, int(start), int(delta)))
+        else:
             continue
         with graph.inserting_before(node):
-            call = graph.call_function(torch.reshape, (source, tuple(int(size) for size in value)))
-        node.replace_all_uses_with(call)
+            replacement = graph.call_function(*call)
+        node.replace_all_uses_with(replacement)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     module.delete_all_unused_submodules()
     module.recompile()
+
+
+def _slice_bounds(values: list) -> tuple[list[int], list[int], list[int], list[int]]:
+    """ONNX Slice's starts, ends and optional axes (default 0..n-1) and steps (default 1)."""
+    starts, ends = ([int(v) for v in value] for value in values[:2])
+    axes = [int(v) for v in values[2]] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
+    steps = [int(v) for v in values[3]] if len(values) > 3 and values[3] is not None else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+def constant_slice(x: torch.Tensor, starts: tuple, ends: tuple, axes: tuple, steps: tuple) -> torch.Tensor:
+    """ONNX Slice with constant bounds and positive steps (Python slicing clamps as ONNX does)."""
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def range_to(limit: torch.Tensor, start: int, step: int) -> torch.Tensor:
+    """ONNX Range from constant `start` and positive `step` to a computed `limit` (empty below
+    the start, as ONNX gives): torch.export sizes it by max(limit, start), never negative."""
+    return torch.arange(start, torch.sym_max(limit.item(), start), step)
+
+
+def _constant(module: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The value of a graph input that is a constant: an initializer or an ONNX Constant node."""
+    from onnx2torch.node_converters.constant import OnnxConstant
+
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        return _attribute(module, node.target)
+    if node.op == "call_module" and isinstance(module.get_submodule(node.target), OnnxConstant):
+        value = module.get_submodule(node.target).value
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _per_channel_constants_as_parameters(module: torch.fx.GraphModule) -> None:
+    """onnx2torch keeps every initializer as a buffer. The ones an Add/Sub/Mul/Div applies per
+    channel (ConvNeXt's layer scale, a bias the exporter split from its layer) were parameters
+    in the model exported: as parameters again they are trained, and Torch-Pruning removes their
+    entries along with the channels they scale (it prunes an unwrapped parameter along its one
+    dimension longer than 1) instead of leaving a full-width tensor the narrowed layers no
+    longer broadcast with."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        owner_name, _, name = node.target.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        value = getattr(owner, name)
+        if (not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter)
+                or not value.is_floating_point() or sum(size > 1 for size in value.shape) != 1):
+            continue
+        if all(user.op == "call_module" and isinstance(module.get_submodule(user.target), OnnxBinaryMathOperation)
+               for user in node.users):
+            delattr(owner, name)
+            owner.register_parameter(name, torch.nn.Parameter(value.clone()))
 
 
 def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:

@@ -7,6 +7,8 @@ run by onnxruntime's CPU execution provider. Native format: a torch.export `.pt2
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -58,8 +60,11 @@ class PyTorchBackend:
         suffix = path.suffix.lower()
         if suffix == ".onnx":
             return _load_onnx(path, input_shape, num_classes)
+        if suffix == ".zip":
+            return _load_onnx_archive(path, input_shape, num_classes)
         if suffix not in (".pt2", ".pt", ".pth"):
-            raise InvalidInputError(f"{path.name}: upload a .pt2, .pt, .pth or .onnx PyTorch model")
+            raise InvalidInputError(f"{path.name}: upload a .pt2, .pt, .pth or .onnx PyTorch model, or a .zip "
+                                    "of an .onnx with its external data")
         check_torch_archive(path)  # before any torch loader: torch.export.load / jit.load unpickle freely
         if suffix == ".pt2":
             return _load_exported(path, num_classes)
@@ -143,6 +148,27 @@ def _load_onnx(path: Path, input_shape: tuple | None, num_classes: int | None) -
                        trainable=module is not None, preparation=preparation,
                        not_trainable_reason="" if module is not None else
                        f"this ONNX file has no trainable PyTorch form ({conversion['reason']})")
+
+
+def _load_onnx_archive(path: Path, input_shape: tuple | None, num_classes: int | None) -> LoadedModel:
+    """A zip of an ONNX file and its external data (torch.onnx.export's default writes
+    model.onnx.data beside model.onnx): extracted with the safe extractor into a temporary
+    folder that lives as long as the loaded model, the external-data locations checked again
+    to name files of that folder, then loaded as an .onnx upload."""
+    from optimization.safety.archives import safe_extract_zip
+    from optimization.safety.onnx_check import check_onnx_file, onnx_archive_layout
+
+    folder = Path(tempfile.mkdtemp(prefix="edgeopt-onnx-"))
+    try:
+        written = safe_extract_zip(path, folder)
+        model_name, beside = onnx_archive_layout([p.relative_to(folder).as_posix() for p in written], path.name)
+        check_onnx_file(folder / model_name, path.name, beside)
+        model = _load_onnx(folder / model_name, input_shape, num_classes)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(model, shutil.rmtree, folder, True)
+    return model
 
 
 def write_onnx_upload(source: Path, path: Path) -> Path:

@@ -4,8 +4,9 @@ model the techniques can work with, the way they work with an eager nn.Module:
 - batch generalisation: an export made with a fixed example batch bakes that batch into shape
   arguments (`aten.view(x, [1, 2048])`) and a guard; those become the input's real batch size,
   checked against the original graph, so calibration, training and evaluation can use any batch;
-- module-isation: `aten.conv2d` / `aten.linear` / `aten.batch_norm` call_function nodes become
-  call_module nodes of real nn.Conv2d / nn.Linear / nn.BatchNorm modules holding the same
+- module-isation: `aten.conv2d` / `aten.linear` / `aten.batch_norm` / `aten.layer_norm`
+  call_function nodes become call_module nodes of real nn.Conv2d / nn.Linear / nn.BatchNorm /
+  nn.LayerNorm modules holding the same
   Parameters, so the graph trains (train()/eval() switch batch norm), Torch-Pruning's dependency
   graph can remove channels, and torch.export re-exports it.
 
@@ -133,7 +134,7 @@ def _first_line(error: Exception) -> str:
 # --------------------------------------------------------------------------- module-isation
 
 def modularise(module: fx.GraphModule) -> dict[str, int]:
-    """Replace convolution, linear and batch-norm ops whose weights are attributes used by that
+    """Replace convolution, linear, batch-norm and layer-norm ops whose weights are attributes used by that
     op alone with call_module nodes of the matching nn layer; returns how many of each. Shared
     (tied) weights and other layouts stay functional. Also lets train()/eval() work again."""
     graph = module.graph
@@ -142,7 +143,7 @@ def modularise(module: fx.GraphModule) -> dict[str, int]:
         if node.op != "call_function":
             continue
         converted = (_convolution(module, node) or _linear(module, node) or _addmm(module, node)
-                     or _batch_norm(module, node))
+                     or _batch_norm(module, node) or _layer_norm(module, node))
         if converted:
             counts[converted] = counts.get(converted, 0) + 1
     graph.eliminate_dead_code()
@@ -267,6 +268,24 @@ def _batch_norm(module, node) -> str | None:
     else:
         _install(module, node, args["input"], layer, attributes)
     return type(layer).__name__
+
+
+def _layer_norm(module, node) -> str | None:
+    """aten.layer_norm over the last dimension (ConvNeXt's norms, channels last): as an
+    nn.LayerNorm, Torch-Pruning narrows its normalized_shape with its weight; the functional op
+    kept its shape argument and failed once the weight was pruned."""
+    if node.target != ATEN.layer_norm.default:
+        return None
+    args = _arguments(node)
+    shape = list(args["normalized_shape"])
+    weight = _own_attribute(module, args["weight"], node) if args["weight"] is not None else None
+    bias = _own_attribute(module, args["bias"], node) if args["bias"] is not None else None
+    if (len(shape) != 1 or weight is None or weight.shape != (shape[0],)
+            or (args["bias"] is not None and (bias is None or bias.shape != weight.shape))):
+        return None
+    layer = nn.LayerNorm(shape[0], eps=float(args["eps"]), bias=bias is not None, device="meta")
+    _install(module, node, args["input"], layer, {"weight": args["weight"], "bias": args["bias"]})
+    return "LayerNorm"
 
 
 def _install(module: fx.GraphModule, node: fx.Node, input_node, layer: nn.Module, attributes: dict,

@@ -123,6 +123,63 @@ def test_the_upload_check_refuses_a_dynamo_export_with_its_weights_in_a_second_f
         check_onnx_file(path, "model.onnx")
 
 
+def test_a_zip_of_a_default_dynamo_export_and_its_data_file_trains_and_deploys_as_one_file(trained, digits, tmp_path):
+    """torch.onnx.export's default writes model.onnx.data beside model.onnx; zipped together
+    they load, convert for training (QAT here), and the deploy file is self-contained. The
+    extracted folder goes with the loaded model."""
+    import gc
+    import zipfile
+
+    from optimization.techniques.pytorch import qat
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    torch.onnx.export(trained, (torch.zeros(2, 1, 8, 8),), str(folder / "model.onnx"), dynamo=True,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch", max=1024)}})
+    assert (folder / "model.onnx.data").exists()
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in folder.iterdir():
+            zipped.write(file, f"export/{file.name}")
+    fp32 = backend.evaluate(trained, digits.x_test, digits.y_test)
+
+    model = backend.BACKEND.load(archive)
+    extracted = model.source_path.parent
+    result = qat.Technique().optimize(model, TechniqueConfig(output_dir=tmp_path / "qat", options={"epochs": 1}),
+                                      digits, lambda *args: None)
+    deploy = tmp_path / "alone" / "qat.onnx"
+    deploy.parent.mkdir()
+    deploy.write_bytes(result.artifacts["deploy"].read_bytes())  # nothing beside it
+
+    assert model.preparation["pytorch_form"]["converted"]
+    assert accuracy(backend.BACKEND, deploy, digits.x_test, digits.y_test) >= fp32 - 0.02
+    del model, result
+    gc.collect()
+    assert not extracted.exists()
+
+
+def test_a_zip_whose_onnx_reads_its_data_from_outside_the_archive_is_refused_by_the_engine(trained, tmp_path):
+    import zipfile
+
+    from optimization.base import UnsafeModelError
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    torch.onnx.export(trained, (torch.zeros(2, 1, 8, 8),), str(folder / "model.onnx"), dynamo=True)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../model.onnx.data"
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("model.onnx", model.SerializeToString())
+        zipped.write(folder / "model.onnx.data", "model.onnx.data")
+
+    with pytest.raises(UnsafeModelError, match="not one of the files beside the model"):
+        backend.BACKEND.load(archive)
+
+
 def test_a_legacy_export_keeping_weights_as_inputs_quantizes_to_a_file_fed_by_the_image_alone(trained, digits,
                                                                                                tmp_path):
     import onnxruntime as ort
@@ -141,3 +198,91 @@ def test_a_legacy_export_keeping_weights_as_inputs_quantizes_to_a_file_fed_by_th
     session = ort.InferenceSession(str(result.artifacts["deploy"]), providers=["CPUExecutionProvider"])
     assert [value.name for value in session.get_inputs()] == ["input"]
     assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) > 0.8
+
+
+class LayerScaleBlock(torch.nn.Module):
+    """A ConvNeXt block in miniature: depthwise conv, channels-last LayerNorm, GELU MLP and a
+    per-channel layer scale, which the legacy exporter writes as a bare initializer."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, width, 2, stride=2)
+        self.dw = torch.nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.up, self.down = torch.nn.Conv2d(width, 2 * width, 1), torch.nn.Conv2d(2 * width, width, 1)
+        self.gamma = torch.nn.Parameter(torch.full((width, 1, 1), 0.5))
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.gamma * self.down(torch.nn.functional.gelu(self.up(y)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_channels_come_out_of_a_converted_legacy_export_with_a_layer_scale(tmp_path):
+    """The layer scale comes back as a parameter, so Torch-Pruning narrows it with its channels."""
+    from optimization.backends.onnx_to_torch import convert
+    from optimization.techniques.pytorch._common import prune_channels
+
+    torch.manual_seed(0)
+    path = export(LayerScaleBlock().eval(), tmp_path / "block.onnx", "legacy", 17)
+    module, note = convert(path, (1, 8, 8))
+    assert note["converted"], note
+
+    pruned, _ = prune_channels(module, (1, 8, 8), 0.5, round_to=None)
+
+    assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in module.parameters())
+    assert any(p.shape == (16, 1, 1) for p in pruned.parameters())  # the layer scale, halved
+
+
+class GhostSlice(torch.nn.Module):
+    """GhostNet's module: half the channels from a cheap depthwise conv, concatenated and cut
+    back to the output width with a slice, which the legacy exporter writes with constant bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.head = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        x = self.primary(x)
+        x = torch.cat([x, self.cheap(x)], dim=1)[:, :10]
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_legacy_export_slicing_channels_converts_to_a_module_torch_export_traces(tmp_path):
+    torch.manual_seed(0)
+    path = export(GhostSlice().eval(), tmp_path / "ghost.onnx", "legacy", 17)
+    assert "Slice" in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    model = backend.BACKEND.load(path)
+
+    assert model.trainable, model.preparation
+    backend.export_program(model.module, (1, 8, 8))  # what the training techniques do with it
+
+
+class BatchIndexed(torch.nn.Module):
+    """Indexes its rows with torch.arange(batch): the exporters write ONNX Range up to a size
+    read from a Shape node (the dynamo exporter writes as_strided this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        logits = self.fc(self.conv(x).mean((2, 3)))
+        return logits[torch.arange(x.shape[0])]
+
+
+def test_a_range_up_to_the_batch_size_converts_to_a_module_torch_export_traces(tmp_path):
+    torch.manual_seed(0)
+    path = export(BatchIndexed().eval(), tmp_path / "range.onnx", "legacy", 17)
+    assert "Range" in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    model = backend.BACKEND.load(path)
+
+    assert model.trainable, model.preparation
+    program = backend.export_program(model.module, (1, 8, 8))
+    assert program.module()(torch.zeros(5, 1, 8, 8)).shape == (5, 10)

@@ -150,3 +150,35 @@ def test_a_dynamic_batch_export_trains_predicts_and_reexports_within_its_batch_r
     deploy = backend.BACKEND.export_deploy(model, tmp_path / "deploy.onnx")
     assert backend.BACKEND.predict(deploy, x[:5]).shape == (5, 10)
     assert backend.BACKEND.latency_ms(deploy, x[0]) > 0
+
+
+class ChannelsLastNormBlock(nn.Module):
+    """ConvNeXt's block as timm writes it: depthwise conv, LayerNorm over channels last, GELU
+    MLP, and a layer scale reshaped to (1, C, 1, 1)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 2, stride=2)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.up, self.down = nn.Conv2d(width, 2 * width, 1), nn.Conv2d(2 * width, width, 1)
+        self.gamma = nn.Parameter(torch.full((width,), 0.5))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + self.down(nn.functional.gelu(self.up(y))).mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.head(x.mean((2, 3)))
+
+
+def test_layer_norms_become_modules_whose_channels_torch_pruning_removes(tmp_path):
+    net = ChannelsLastNormBlock().eval()
+    model = _upload(net, tmp_path / "block.pt2")
+    sample = torch.randn(3, 3, 8, 8)
+
+    assert model.preparation["modules"]["LayerNorm"] == 1
+    assert torch.allclose(model.module(sample), net(sample), atol=1e-5)
+    pruned, _ = prune_channels(model.module, model.input_shape, 0.5, round_to=None)
+    assert pruned.get_submodule("norm").normalized_shape == (16,)
+    assert pruned(sample).shape == (3, 10)
