@@ -4,13 +4,13 @@ users write.
 Each timm architecture (tests/foreign.py: random init, `pretrained=False`) is trained from scratch
 on scikit-learn's digits upscaled to SIDE x SIDE and repeated to 3 channels (no dataset may be
 downloaded here; Adam, batch PRETRAIN_BATCH, cosine decay, long enough that the FP32 accuracy is
-meaningful, so the drops are not noise), saved as a `.pt2` with a dynamic batch (`Dim("batch", max=1024)`) and as the
-dynamo exporter's ONNX (opset 18+, weights inside), loaded back by the app's loader, and run through
-every technique by bench/common.py's `bench_model` (the app's orchestrator and evaluator: the
-deploy file in onnxruntime on the test split). Fine-tuning techniques get FINE_TUNING_EPOCHS epochs instead of
-their defaults, to fit the shared two-core machine; their drops are larger than the defaults give.
-Writes bench/results/corpus_pytorch.json (after each model) and the "## PyTorch corpus" section of
-BENCHMARKS.md.
+meaningful, so the drops are not noise), saved in each of `--formats` (default: a `.pt2` with a
+dynamic batch, `Dim("batch", max=1024)`, and the dynamo exporter's ONNX), loaded back by the app's
+loader, and run through every technique by bench/common.py's `bench_model` (the app's orchestrator
+and evaluator: the deploy file in onnxruntime on the test split). Fine-tuning techniques get
+`--fine-tuning-epochs` epochs instead of their defaults, to fit the shared two-core machine; their
+drops are larger than the defaults give. Writes bench/results/corpus_pytorch.json and the
+"## PyTorch corpus" section of BENCHMARKS.md after each model.
 
     nice -n 10 python bench/corpus_pytorch.py [--work-dir DIR] [--side 32] [--architectures a,b]
                                               [--formats pt2,onnx-dynamo] [--pretrain-epochs 15]
