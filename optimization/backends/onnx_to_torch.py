@@ -49,7 +49,7 @@ def convert(path: Path, input_shape: tuple) -> tuple[torch.nn.Module | None, dic
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.momentum = BATCH_NORM_MOMENTUM
-    _constant_shape_ops_as_calls(module)
+    _constant_shape_ops_as_calls(module, input_shape)
     _per_channel_constants_as_parameters(module)
     module.eval()
     samples = np.random.default_rng(0).standard_normal((CHECK_SAMPLES, *input_shape)).astype(np.float32)
@@ -139,10 +139,12 @@ def _gelu_written_out(node, graph, helper, numpy_helper) -> list:
                     helper.make_node("Mul", [f"{prefix}_half_x", f"{prefix}_plus_one"], [y])]
 
 
-def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
+def _constant_shape_ops_as_calls(module: torch.fx.GraphModule, input_shape: tuple) -> None:
     """onnx2torch's Reshape module tests its shape tensor for zeros at run time, which
     torch.export cannot trace (a data-dependent branch); where the shape is a constant without a
-    zero, call torch.reshape with it as a tuple instead. Its Slice module reads its starts, ends,
+    zero, call torch.reshape with it as a tuple instead, or torch.flatten(x, 1) where it is
+    (-1, features of one sample): the classifier's input then follows a pruned layer's width
+    instead of folding the lost channels into the batch. Its Slice module reads its starts, ends,
     axes and steps with `.numpy()` on every call, which torch.export refuses; where they are
     constants (with positive steps), index with Python slices instead. Its Range module reads
     all three bounds with `.item()`, which leaves torch.export unable to size the result; where
@@ -152,7 +154,10 @@ def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
     from onnx2torch.node_converters.reshape import OnnxReshape
     from onnx2torch.node_converters.slice import OnnxSlice
 
+    from torch.fx.passes.shape_prop import ShapeProp
+
     graph = module.graph
+    ShapeProp(module).propagate(torch.zeros(2, *input_shape))  # each node's output shape, in its meta
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -163,6 +168,8 @@ def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
             if value is None or value.ndim != 1 or bool((value == 0).any()):
                 continue
             call = (torch.reshape, (source, tuple(int(size) for size in value)))
+            if _flattens_each_sample(source, value.tolist()):
+                call = (torch.flatten, (source, 1))
         elif isinstance(layer, OnnxSlice):
             source, *bounds = node.args  # starts, ends, then optional axes and steps (None when absent)
             values = [None if bound is None else _constant(module, bound) for bound in bounds]
@@ -189,6 +196,13 @@ def _constant_shape_ops_as_calls(module: torch.fx.GraphModule) -> None:
     graph.eliminate_dead_code()
     module.delete_all_unused_submodules()
     module.recompile()
+
+
+def _flattens_each_sample(source, shape: list[int]) -> bool:
+    """Whether reshaping `source` to `shape` is (-1, all of one sample's values)."""
+    meta = source.meta.get("tensor_meta") if isinstance(source, torch.fx.Node) else None
+    return (meta is not None and len(meta.shape) > 2 and len(shape) == 2 and shape[0] == -1
+            and shape[1] == int(np.prod(meta.shape[1:])))
 
 
 def _slice_bounds(values: list) -> tuple[list[int], list[int], list[int], list[int]]:

@@ -286,3 +286,30 @@ def test_a_range_up_to_the_batch_size_converts_to_a_module_torch_export_traces(t
     assert model.trainable, model.preparation
     program = backend.export_program(model.module, (1, 8, 8))
     assert program.module()(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+
+
+class ConstantFlatten(torch.nn.Module):
+    """Flattens with x.reshape(-1, C*H*W), which the exporters write as a Reshape to a constant
+    (-1, 512): pruning the conv must narrow the classifier's input, not fold channels into the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2).reshape(-1, 32 * 4 * 4))
+
+
+def test_channels_come_out_of_a_converted_export_that_flattens_to_a_constant_width(tmp_path):
+    from optimization.backends.onnx_to_torch import convert
+    from optimization.techniques.pytorch._common import prune_channels
+
+    torch.manual_seed(0)
+    path = export(ConstantFlatten().eval(), tmp_path / "flatten.onnx", "dynamo", 18)
+    module, note = convert(path, (1, 8, 8))
+    assert note["converted"], note
+
+    pruned, _ = prune_channels(module, (1, 8, 8), 0.5, round_to=None)
+
+    assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)] == [16]

@@ -182,3 +182,23 @@ def test_layer_norms_become_modules_whose_channels_torch_pruning_removes(tmp_pat
     pruned, _ = prune_channels(model.module, model.input_shape, 0.5, round_to=None)
     assert pruned.get_submodule("norm").normalized_shape == (16,)
     assert pruned(sample).shape == (3, 10)
+
+
+class ChannelIndexed(nn.Module):
+    """Picks its channels with fixed indices (a Gather), which a narrower conv no longer has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32, 10)
+        self.register_buffer("order", torch.arange(32).flip(0))
+
+    def forward(self, x):
+        return self.fc(self.mix(self.conv(x)[:, self.order]).mean((2, 3)))
+
+
+def test_a_graph_pruning_cannot_follow_is_not_applicable_with_the_reason():
+    from optimization.base import TechniqueNotApplicable
+
+    with pytest.raises(TechniqueNotApplicable, match="IndexError"):
+        prune_channels(ChannelIndexed().eval(), (3, 8, 8), 0.5, round_to=None)

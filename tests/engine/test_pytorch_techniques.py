@@ -182,6 +182,17 @@ def test_distillation_reports_the_student_with_and_without_the_teacher(run):
     assert 0.5 < details["student_test_accuracy_without_teacher"] <= 1.0
 
 
+def test_student_cut_from_the_teacher_stays_near_it_and_beats_a_student_from_scratch(run, baseline):
+    """One epoch: a student starting from the teacher's channels keeps the teacher's accuracy
+    within a few points, where the same student from random weights has barely learned."""
+    from_teacher, from_scratch = run("distillation", epochs=1), run("distillation", epochs=1, student_init="random")
+    assert from_teacher.details["student_init"] == "teacher" and "teacher's weights" in from_teacher.details["student"]
+    assert "random" in from_scratch.details["student"]
+    distilled = from_teacher.details["student_test_accuracy_with_teacher"]
+    assert distilled >= baseline["accuracy"] - 0.03
+    assert distilled > from_scratch.details["student_test_accuracy_with_teacher"] + 0.02
+
+
 @pytest.mark.parametrize("name", ["prune_unstructured", "prune_structured", "distillation", "qat", "hybrid"])
 def test_stop_during_training_ends_the_technique_at_once(name, teacher, digits, tmp_path):
     calls = []
@@ -203,6 +214,16 @@ def test_onnx_upload_is_quantized_and_converted_for_the_training_techniques(base
     assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
     # onnx2torch gives the file a PyTorch form whose logits match onnxruntime's, so training applies
     assert onnx_model.trainable and onnx_model.preparation["pytorch_form"]["converted"]
+
+
+def test_hybrid_on_an_onnx_upload_deploys_the_pruned_model(baseline, digits, tmp_path, run):
+    onnx_model = backend.BACKEND.load(baseline["path"])
+    result = technique("hybrid").optimize(onnx_model, TechniqueConfig(tmp_path, FAST_OPTIONS["hybrid"]), digits,
+                                          ignore_progress)
+    # half the channels gone and 8-bit weights: well under the INT8 file of the whole model (the
+    # uploaded file's own bytes, quantized, were deployed before: the same size)
+    assert os.path.getsize(result.artifacts["deploy"]) < 0.5 * os.path.getsize(run("ptq_int8").artifacts["deploy"])
+    assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
 
 
 def test_fixed_batch_export_is_generalised_and_fine_tuned(digits, tmp_path):

@@ -264,11 +264,19 @@ def test_structured_fine_tuning_distils_from_the_unpruned_model_or_uses_labels_a
     assert min(distilled_accuracy, alone_accuracy) >= PLAUSIBLE_ACCURACY
 
 
-def test_distilled_student_is_smaller_and_is_compared_with_the_student_alone(runs, demo):
+def test_distilled_student_is_smaller_and_is_compared_with_the_student_alone(runs, demo, digits):
     result, accuracy = runs("distillation")
     params, macs = count_params_macs(demo[0].module)
     assert result.params < params and result.macs < macs
     assert 0.0 < result.details["student_alone_accuracy"] <= 1.0
+    # one epoch from the teacher's own filters keeps the teacher's accuracy within a few points
+    assert result.details["student_init"] == "teacher"
+    assert accuracy >= litert_accuracy(demo[1], digits) - 0.03
+
+
+def test_student_from_random_weights_is_still_available_and_said_so(runs):
+    result, accuracy = runs("distillation", student_init="random")
+    assert "random" in result.details["student"]
     assert accuracy >= 0.7  # a student trained from scratch for one epoch
 
 

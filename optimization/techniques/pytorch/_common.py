@@ -359,8 +359,8 @@ def _prune_copy(module, example, ratio: float, round_to: int | None, ignored: li
     try:
         with torch.no_grad():
             candidate(example)
-    except RuntimeError as error:
-        return None, str(error).splitlines()[0]
+    except (RuntimeError, IndexError) as error:  # IndexError: a Gather whose indices were computed for the old width
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return candidate, None
 
 

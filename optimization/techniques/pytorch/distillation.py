@@ -1,8 +1,10 @@
 """Knowledge distillation into a smaller student: the teacher keeping `student_width` of its
-channels (Torch-Pruning, so the shapes stay compatible) and re-initialised, trained on
-the teacher's softened outputs (KL at temperature T, times T^2) mixed with the hard labels
-(weight `alpha` on the soft part). The same student is also trained without the teacher for
-the same epochs, so the gain from distillation is visible in the details."""
+channels (Torch-Pruning, as channel pruning cuts them: the largest by L2 magnitude, so the shapes
+stay compatible), starting from the teacher's weights on those channels (`student_init`
+"teacher", the usual practice) or from random ones ("random"), trained on the teacher's softened
+outputs (KL at temperature T, times T^2) mixed with the hard labels (weight `alpha` on the soft
+part). The same student, from the same start, is also trained on the labels alone for the same
+epochs, so the gain from distillation is visible in the details."""
 from __future__ import annotations
 
 import copy
@@ -53,21 +55,30 @@ class Technique(PyTorchTechnique):
         backend.set_eval(teacher)
         student, channel_multiple = prune_channels(model.module, model.input_shape, 1 - options["student_width"],
                                                    options["channel_multiple"])
-        reinitialise(student)
-        backend.set_seed(config.seed)
+        from_teacher = options["student_init"] == "teacher"
+        if not from_teacher:
+            backend.set_seed(config.seed)
+            reinitialise(student)
+        accuracy_at_start = backend.evaluate(student, dataset.x_calib, dataset.y_calib)
         baseline_student = copy.deepcopy(student)
         epochs, lr = options["epochs"], options["learning_rate"]
-        backend.train(student, dataset, epochs, lr, progress, (0.0, 0.55), seed=config.seed,
+        # cosine decay, as channel pruning's recovery: a student cut from the teacher settles better
+        backend.train(student, dataset, epochs, lr, progress, (0.0, 0.55), seed=config.seed, cosine=True,
                       loss_fn=distillation_loss(teacher, options["temperature"], options["alpha"]),
                       message="distilling")
-        backend.train(baseline_student, dataset, epochs, lr, progress, (0.55, 0.9), seed=config.seed,
+        backend.train(baseline_student, dataset, epochs, lr, progress, (0.55, 0.9), seed=config.seed, cosine=True,
                       message="training the same student without the teacher")
         distilled = backend.evaluate(student, dataset.x_test, dataset.y_test)
         alone = backend.evaluate(baseline_student, dataset.x_test, dataset.y_test)
         progress(0.92, "exporting the student", {"accuracy": distilled, "accuracy_without_teacher": alone})
         teacher_params, teacher_macs = backend.count_params_macs(teacher, model.input_shape)
         details = {
-            "student": f"the teacher keeping {options['student_width']:.0%} of its channels, re-initialised",
+            "student": f"the teacher keeping {options['student_width']:.0%} of its channels, "
+                       + ("starting from the teacher's weights on the channels kept (largest L2 magnitude)"
+                          if from_teacher else "re-initialised (random weights)"),
+            "student_init": options["student_init"],
+            "calibration_accuracy_before_training": round(accuracy_at_start, 4),
+            "learning_rate_schedule": "cosine decay to zero",
             "channel_multiple": channel_multiple,
             "temperature": options["temperature"], "alpha": options["alpha"],
             "student_test_accuracy_with_teacher": round(distilled, 4),

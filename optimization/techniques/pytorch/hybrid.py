@@ -40,7 +40,8 @@ class Technique(PyTorchTechnique):
                       seed=config.seed, after_step=keep_zeros(masks) if masks else None, cosine=True)
         progress(0.82, "INT8 quantization (calibrating)", {})
         deploy, _ = self.paths(config)
-        pruned = dataclasses.replace(model, module=module, architecture=None)
+        # no longer the uploaded file: an ONNX upload's own bytes must not stand in for the pruned model
+        pruned = dataclasses.replace(model, module=module, architecture=None, source_format="pt2", source_path=None)
         quantization = quantize_model_int8(pruned, deploy, dataset.x_calib, **int8)
         details = {
             "steps": ["structured pruning (Torch-Pruning, L2)"]

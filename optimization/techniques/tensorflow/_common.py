@@ -232,14 +232,17 @@ def _copy_kept_weights(model, rebuilt, layers, inbound, kept_channels, passthrou
 # ----------------------------------------------------------------------------- distillation
 
 
-def fresh_student(teacher, width: float, seed: int):
-    """The teacher narrowed to `width`, freshly initialized; trained from scratch on a short
-    budget, so its BatchNorm statistics must follow the batches faster."""
+def narrowed_student(teacher, width: float, seed: int, init: str):
+    """The teacher narrowed to `width`: with `init` "teacher", keeping the teacher's weights on
+    the filters kept (as channel pruning does); with "random", freshly initialized and so
+    trained from scratch on a short budget, its BatchNorm statistics following the batches
+    faster."""
     from optimization.backends.tensorflow import follow_batchnorm_faster, keras
 
     keras.utils.set_random_seed(seed)
-    student, surgery = shrink_channels(teacher, width, copy_weights=False)
-    return follow_batchnorm_faster(student), surgery
+    from_teacher = init == "teacher"
+    student, surgery = shrink_channels(teacher, width, copy_weights=from_teacher)
+    return (student if from_teacher else follow_batchnorm_faster(student)), surgery
 
 
 def make_distiller(student, teacher, temperature: float, alpha: float):

@@ -1,13 +1,15 @@
 """Knowledge distillation into a narrowed copy of the teacher (fewer filters in every layer
-whose channels can shrink; see prune_structured's surgery), trained on the teacher's soft
-targets at temperature T plus the hard labels. The same student is also trained alone for
-the same epochs, so the gain from distillation is measured, not assumed."""
+whose channels can shrink; see prune_structured's surgery), starting from the teacher's weights
+on the filters kept (`student_init` "teacher") or from random ones ("random"), trained on the
+teacher's soft targets at temperature T plus the hard labels. The same student, from the same
+start, is also trained alone for the same epochs, so the gain from distillation is measured,
+not assumed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow._common import channels_kept, fresh_student, make_distiller
+from optimization.techniques.tensorflow._common import channels_kept, make_distiller, narrowed_student
 
 
 class Technique(BaseOptimization):
@@ -34,14 +36,15 @@ class Technique(BaseOptimization):
                         batch_size=int(options["batch_size"]), seed=config.seed)
         teacher = model.module
 
-        student, surgery = fresh_student(teacher, width, config.seed)
+        init = options["student_init"]
+        student, surgery = narrowed_student(teacher, width, config.seed, init)
         distiller = make_distiller(student, teacher, float(options["temperature"]),
                                    float(options["alpha"]))
         distiller.compile(optimizer=keras.optimizers.Adam(training["learning_rate"]))
         fit(distiller, dataset.x_train, dataset.y_train, epochs, progress, span=(0.0, 0.55),
             message="distilling", compile_model=False, **training)
 
-        alone, _ = fresh_student(teacher, width, config.seed)
+        alone, _ = narrowed_student(teacher, width, config.seed, init)
         fit(alone, dataset.x_train, dataset.y_train, epochs, progress, span=(0.55, 0.9),
             message="training the student alone (for comparison)", **training)
 
@@ -49,7 +52,11 @@ class Technique(BaseOptimization):
         deploy = convert_to_tflite(student, Path(config.output_dir) / f"{self.name}.tflite")
         teacher_params, teacher_macs = count_params_macs(teacher)
         details = {
+            "student": f"the teacher keeping {width:.0%} of its filters, "
+                       + ("starting from the teacher's weights on the filters kept (largest L1 norm)"
+                          if init == "teacher" else "re-initialised (random weights)"),
             "student_width": width,
+            "student_init": init,
             "temperature": float(options["temperature"]),
             "alpha_soft": float(options["alpha"]),
             "teacher_params": teacher_params,
