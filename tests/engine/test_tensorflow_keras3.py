@@ -99,6 +99,16 @@ def test_a_keras3_h5_that_lost_its_keras_ops_is_refused_saying_save_as_keras(tmp
         check_keras_file(path)
 
 
+def test_a_keras3_h5_with_a_division_by_a_constant_is_refused_saying_save_as_keras(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs / 255.0)  # an .h5 records it as a 'TrueDivide' layer
+    path = save(keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)), "h5", tmp_path, "scaled")
+    with pytest.raises(InvalidInputError, match=r"keras.ops TrueDivide.*Save the model as \.keras"):
+        check_keras_file(path)
+
+
 def test_an_exported_savedmodel_is_known_at_upload_as_post_training_only(corpus):
     assert "post-training" in inspect_savedmodel_zip(corpus["files"]["export"])["post_training_only"]
 
