@@ -269,12 +269,18 @@ def bench_model(name: str, side: int, formats, work_dir: Path, fine_tuning_epoch
     return results
 
 
-def _cell(run: dict | None) -> str:
+def _cell(technique: str, run: dict | None, reasons: list[str]) -> str:
+    """A completion-table cell; a run that did not complete points to its reason in `reasons`
+    (numbered below the table: one reason is often shared by a whole row)."""
     if run is None:
         return "not run"
     if run["status"] != "completed":
         reason = " ".join(str(run.get("error") or "").split())
-        return f"{run['status']}: {reason[:90]}{'…' if len(reason) > 90 else ''}"
+        if reason.startswith(technique + " "):  # the orchestrator names the technique first
+            reason = "the technique" + reason[len(technique):]
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"{run['status']} [{reasons.index(reason) + 1}]"
     return f"{run['compression_ratio']:.2f}x, {run['accuracy_drop']:+.2f} pt, {run['wall_time_s']:.0f} s"
 
 
@@ -285,8 +291,8 @@ def _reevaluation_gap_pts(run: dict) -> float:
 def _span(values, fmt: str) -> str:
     if not values:
         return "—"
-    low, high = min(values), max(values)
-    return format(low, fmt) if low == high else f"{format(low, fmt)} – {format(high, fmt)}"
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return low if low == high else f"{low} – {high}"
 
 
 def write_section(results: list[dict], machine: str) -> None:
@@ -306,13 +312,17 @@ def write_section(results: list[dict], machine: str) -> None:
         "Keras 3 as `.keras`, `.h5` or a `model.export()` SavedModel zip (`export`), and run through the "
         f"app's orchestrator. Fine-tuning techniques ran {' / '.join(epochs)} epoch(s). Machine: {machine}.", "",
         "Each cell: size ratio (FP32 `.tflite` / technique's `.tflite`), accuracy drop in points (positive = "
-        "worse), the technique's wall time.", "",
-        "| model | input | file | FP32 acc | " + " | ".join(TECHNIQUES) + " | all seven |",
+        "worse), the technique's wall time; whole run: baseline and all seven.", "",
+        "| model | input | file | FP32 acc | " + " | ".join(TECHNIQUES) + " | whole run |",
         "|---|---|---|---:|" + "---|" * len(TECHNIQUES) + "---:|",
     ]
+    reasons: list[str] = []
     for r in results:
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['format']} | {r['baseline']['accuracy']:.2%} | "
-                     + " | ".join(_cell(r["runs"].get(t)) for t in TECHNIQUES) + f" | {r['total_wall_s']:.0f} s |")
+                     + " | ".join(_cell(t, r["runs"].get(t), reasons) for t in TECHNIQUES)
+                     + f" | {r['total_wall_s']:.0f} s |")
+    if reasons:
+        lines += [""] + [f"[{number}] {reason}" for number, reason in enumerate(reasons, 1)]
     lines += ["", "Per technique, over the rows above:", "",
               "| technique | completed / run | skipped | failed | size ratio | drop (pt) | wall s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -366,7 +376,12 @@ def main() -> None:
     parser.add_argument("--keep-previous", action="store_true",
                         help="add to the results file instead of starting it afresh (other rows are kept)")
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--section-only", action="store_true",
+                        help="only rewrite the BENCHMARKS.md section from the results file")
     args = parser.parse_args()
+    if args.section_only:
+        write_section(json.loads(RESULTS.read_text())["results"], machine_description())
+        return
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="edgeopt-corpus-tf-"))
     if not args.keep_previous:
         RESULTS.unlink(missing_ok=True)
