@@ -163,7 +163,11 @@ def save(model, file_format: str, folder: Path, stem: str) -> Path:
 
 class PrintingSink(RecordingSink):
     """The orchestrator's RecordingSink, printing each technique's start and end (a long
-    bench run shows where it is)."""
+    bench run shows where it is) and handing each finished run to `on_finished`."""
+
+    def __init__(self, on_finished=None):
+        super().__init__()
+        self.on_finished = on_finished
 
     def run_started(self, technique):
         super().run_started(technique)
@@ -173,11 +177,14 @@ class PrintingSink(RecordingSink):
         super().run_finished(technique, run)
         print(f"  {time.strftime('%H:%M:%S')} {technique}: {run['status']} "
               f"{run.get('error') or ''}".rstrip(), flush=True)
+        if self.on_finished:
+            self.on_finished(technique, run, self)
 
 
 def run_engine(model_path: Path, dataset_path: Path, output_dir: Path, techniques=None,
-               options: dict | None = None):
-    """All (or the given) techniques through the real orchestrator, as the worker runs them."""
+               options: dict | None = None, on_finished=None):
+    """All (or the given) techniques through the real orchestrator, as the worker runs them;
+    `on_finished(technique, run, sink)` after each."""
     from optimization import orchestrator
     from optimization.base import TECHNIQUES
 
@@ -186,7 +193,7 @@ def run_engine(model_path: Path, dataset_path: Path, output_dir: Path, technique
         dataset_path=Path(dataset_path), dataset_name="custom", target_device="rpi4",
         goal="balanced", constraints={}, techniques=list(techniques or TECHNIQUES),
         output_dir=Path(output_dir), config={"techniques": options or {}})
-    sink = PrintingSink()
+    sink = PrintingSink(on_finished)
     orchestrator.run_experiment(spec, sink)
     return sink
 
@@ -225,9 +232,11 @@ REEVALUATION_TOLERANCE_PTS = 1.0
 
 
 def bench_model(name: str, side: int, formats, work_dir: Path, fine_tuning_epochs: int | None,
-                training_epochs: int | None = None) -> list[dict]:
-    """Train `name` once at side x side, then for each file format: save it, run every
-    technique through the orchestrator, and re-evaluate each deploy file in LiteRT."""
+                training_epochs: int | None = None, techniques=None) -> list[dict]:
+    """Train `name` once at side x side, then for each file format: save it, run every (or each
+    of `techniques`) technique through the orchestrator, and re-evaluate each deploy file in
+    LiteRT. Each row is recorded in the results file after every technique (`complete` tells
+    whether its run ended), so a stopped bench keeps what finished."""
     from optimization.datasets import load_dataset
 
     build, default_epochs, _ = CORPUS[name]
@@ -247,25 +256,28 @@ def bench_model(name: str, side: int, formats, work_dir: Path, fine_tuning_epoch
     for file_format in formats:
         print(f"{time.strftime('%H:%M:%S')} {name} {side}x{side} .{file_format} ...", flush=True)
         model_path = save(model, file_format, work_dir / "models", name)
+        row = {"model": name, "side": side, "format": file_format, "file_bytes": model_path.stat().st_size,
+               "training_epochs": epochs, "training_s": round(trained_s, 1),
+               "fine_tuning_epochs": fine_tuning_epochs or "defaults", "baseline": {}, "runs": {},
+               "complete": False}
         started = time.monotonic()
-        sink = run_engine(model_path, dataset_path, work_dir / f"out_{file_format}", options=options)
-        wall = time.monotonic() - started
-        runs = {}
-        for technique, run in sink.runs.items():
+
+        def finished(technique, run, sink, row=row, started=started):
             entry = {key: run.get(key) for key in ("status", "accuracy", "accuracy_drop", "size_bytes",
                                                    "compression_ratio", "speedup", "error")}
             entry["wall_time_s"] = run["details"].get("wall_time_s")
             if run["status"] == "completed":
                 entry["litert_accuracy"] = litert_accuracy(run["artifacts"]["deploy"], test.x_test, test.y_test)
-            runs[technique] = entry
-        baseline = sink.baseline_metrics or {}
-        results.append({
-            "model": name, "side": side, "format": file_format, "file_bytes": model_path.stat().st_size,
-            "training_epochs": epochs, "training_s": round(trained_s, 1),
-            "fine_tuning_epochs": fine_tuning_epochs or "defaults",
-            "baseline": {k: baseline.get(k) for k in ("accuracy", "size_bytes", "latency_ms", "params", "macs")},
-            "runs": runs, "total_wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                   time.gmtime())})
+            row["runs"][technique] = entry
+            row["baseline"] = {k: sink.baseline_metrics.get(k)
+                               for k in ("accuracy", "size_bytes", "latency_ms", "params", "macs")}
+            row["total_wall_s"] = round(time.monotonic() - started, 1)
+            record(row)
+
+        run_engine(model_path, dataset_path, work_dir / f"out_{file_format}", techniques, options, finished)
+        row.update(complete=True, total_wall_s=round(time.monotonic() - started, 1),
+                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        results = record(row)
     return results
 
 
@@ -320,7 +332,7 @@ def write_section(results: list[dict], machine: str) -> None:
     for r in results:
         lines.append(f"| {r['model']} | {r['side']}x{r['side']} | {r['format']} | {r['baseline']['accuracy']:.2%} | "
                      + " | ".join(_cell(t, r["runs"].get(t), reasons) for t in TECHNIQUES)
-                     + f" | {r['total_wall_s']:.0f} s |")
+                     + f" | {r['total_wall_s']:.0f} s{'' if r.get('complete', True) else ' (stopped)'} |")
     if reasons:
         lines += [""] + [f"[{number}] {reason}" for number, reason in enumerate(reasons, 1)]
     lines += ["", "Per technique, over the rows above:", "",
@@ -372,6 +384,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CORPUS))
     parser.add_argument("--formats", default=None,
                         help="file formats for every model (default: each model's own, see CORPUS)")
+    parser.add_argument("--techniques", default=None, help="a comma-separated subset (default: all seven)")
     parser.add_argument("--side", type=int, default=INPUT_SHAPE[0], help="input height and width")
     parser.add_argument("--keep-previous", action="store_true",
                         help="add to the results file instead of starting it afresh (other rows are kept)")
@@ -387,9 +400,8 @@ def main() -> None:
         RESULTS.unlink(missing_ok=True)
     for name in args.models.split(","):
         formats = args.formats.split(",") if args.formats else CORPUS[name][2]
-        for result in bench_model(name, args.side, formats, work_dir / f"{name}_{args.side}", args.epochs,
-                                  args.training_epochs):
-            results = record(result)
+        results = bench_model(name, args.side, formats, work_dir / f"{name}_{args.side}", args.epochs,
+                              args.training_epochs, args.techniques.split(",") if args.techniques else None)
     write_section(results, machine_description())
     print(f"wrote {RESULTS} and the {SECTION} section of BENCHMARKS.md")
 
