@@ -40,6 +40,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/pytorch_techniques.py
 	$(PY) bench/pytorch_int4.py
 	$(PY) bench/tensorflow_techniques.py
+	$(PY) bench/corpus_tensorflow.py
 	$(PY) bench/estimator_validation.py
 
 clean:

@@ -95,6 +95,8 @@ class TensorFlowBackend:
             raise InvalidInputError(
                 f"{path.name}: TensorFlow models are accepted as .keras, .h5 or a SavedModel .zip")
         trainable = not isinstance(module, ServingFunction)
+        if trainable:
+            reserve_layer_names(module)
         model_shape = tuple(int(d) for d in module.input_shape[1:] if d is not None)
         if len(model_shape) != len(module.input_shape) - 1:
             if input_shape is None:
@@ -190,6 +192,27 @@ def _load_keras3(path: Path):
     if dropped:
         preparation["keras3_settings_without_tf_keras_equivalent"] = dropped
     return source, converted, preparation
+
+
+def reserve_layer_names(model) -> None:
+    """Move tf_keras's layer-name counters past every name in `model` (nested models too).
+
+    A loaded or converted model keeps its saved names ("conv2d", "conv2d_1"), which tf_keras
+    does not count; a layer created afterwards without a name gets the next counted one.
+    tfmot's QAT transforms create such layers (SeparableConv2D -> DepthwiseConv2D + Conv2D):
+    with a name already in the model, rebuilding it loops forever in tf_keras."""
+    from tf_keras.src import backend as keras_backend
+
+    counters = keras_backend.get_default_graph_uid_map()
+    stack = [model]
+    while stack:
+        for layer in stack.pop().layers:
+            if isinstance(layer, keras.Model):
+                stack.append(layer)
+            prefix, _, number = layer.name.rpartition("_")
+            base, used = (prefix, int(number)) if prefix and number.isdigit() else (layer.name, 0)
+            key = ("", base)  # tf_keras names layers in the blank namespace
+            counters[key] = max(counters[key], used + 1)
 
 
 class ServingFunction:

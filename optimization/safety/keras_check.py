@@ -87,6 +87,8 @@ KERAS3_ACTIVATIONS = frozenset({
 # turns into tf_keras layers (Rescaling for a constant operand, Add/Subtract/Multiply for two
 # tensors)
 KERAS3_OPS = frozenset({"Add", "Subtract", "Multiply", "Divide", "TrueDivide"})
+H5_OPS_ADVICE = ("how Keras 3's .h5 format records keras.ops arithmetic such as `x + 3.0` or "
+                 "`x / 255.0`; even Keras 3 cannot load that back. Save the model as .keras and upload that.")
 # a model's training setup is not loaded (compile=False): its optimizer ("Custom>Adam" in a
 # compiled tf_keras SavedModel), losses and metrics are not checked
 TRAINING_KEYS = frozenset({"compile_config", "training_config"})
@@ -181,9 +183,8 @@ def check_keras3_convertible(config: dict, filename: str) -> None:
             arguments = inbound.get("args", []) if isinstance(inbound, dict) else []
             if any(isinstance(value, (int, float)) for value in arguments):
                 raise InvalidInputError(
-                    f"{filename}: layer '{_layer_name(node)}' is called with a constant, how "
-                    "Keras 3's .h5 format records keras.ops arithmetic such as `x + 3.0`; even "
-                    "Keras 3 cannot load that back. Save the model as .keras and upload that.")
+                    f"{filename}: layer '{_layer_name(node)}' is called with a constant, "
+                    f"{H5_OPS_ADVICE}")
         stack.extend(value for key, value in node.items() if key not in TRAINING_KEYS)
 
 
@@ -199,6 +200,9 @@ def _check_class_spec(spec: dict) -> None:
     if name in CODE_LAYERS:
         return
     keras3_op = name in KERAS3_OPS and str(module or "").startswith("keras.src.ops")
+    if name in KERAS3_OPS and module is None and name not in ALLOWED_LAYERS:
+        # no Keras layer by this name: a keras.ops node (`x / 255.0`) as Keras 3's .h5 writes it
+        raise InvalidInputError(f"layer {_layer_name(spec)!r} is keras.ops {name}, {H5_OPS_ADVICE}")
     if name not in ALLOWED_LAYERS and name not in ALLOWED_HELPERS and not keras3_op:
         raise UnsafeModelError(
             f"Refused: class {name!r} (layer {_layer_name(spec)!r}) is not a built-in Keras "

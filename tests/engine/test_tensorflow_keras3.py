@@ -99,6 +99,16 @@ def test_a_keras3_h5_that_lost_its_keras_ops_is_refused_saying_save_as_keras(tmp
         check_keras_file(path)
 
 
+def test_a_keras3_h5_with_a_division_by_a_constant_is_refused_saying_save_as_keras(tmp_path):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs / 255.0)  # an .h5 records it as a 'TrueDivide' layer
+    path = save(keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)), "h5", tmp_path, "scaled")
+    with pytest.raises(InvalidInputError, match=r"keras.ops TrueDivide.*Save the model as \.keras"):
+        check_keras_file(path)
+
+
 def test_an_exported_savedmodel_is_known_at_upload_as_post_training_only(corpus):
     assert "post-training" in inspect_savedmodel_zip(corpus["files"]["export"])["post_training_only"]
 
@@ -145,6 +155,45 @@ def test_keras3_applications_convert_output_for_output(tmp_path, name):
     loaded = BACKEND.load(save(model, "keras", tmp_path, name))
     BACKEND.verify_conversion(loaded, x)
     assert loaded.preparation["max_abs_difference"] <= 1e-4
+
+
+def test_qat_completes_when_the_layers_it_adds_would_take_names_the_loaded_model_has(tmp_path):
+    """tfmot splits a SeparableConv2D into DepthwiseConv2D + Conv2D named by tf_keras's name
+    counters, which do not count a loaded model's names: a model already holding the next
+    names made tf_keras rebuild the QAT model forever."""
+    import signal
+
+    import keras
+    from tf_keras.src import backend as keras_backend
+
+    from optimization.techniques.tensorflow._common import quantize_aware
+
+    counters = keras_backend.get_default_graph_uid_map()
+
+    def next_names(prefix):  # what tf_keras would call the next unnamed layers of this kind
+        return [f"{prefix}_{n}" if n else prefix for n in range(counters[("", prefix)], counters[("", prefix)] + 3)]
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.SeparableConv2D(4, 3, padding="same", name="separable")(inputs)
+    for name in next_names("conv2d"):
+        x = keras.layers.Conv2D(4, 1, name=name)(x)
+    for name in next_names("depthwise_conv2d"):
+        x = keras.layers.DepthwiseConv2D(3, padding="same", name=name)(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    model = BACKEND.load(save(keras.Model(inputs, outputs), "keras", tmp_path, "named"))
+
+    def give_up(*_):
+        raise TimeoutError("tf_keras is rebuilding the QAT model in a loop")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(300)
+    try:
+        quantized, _ = quantize_aware(model.module, np.random.default_rng(0).random((8, 8, 8, 3), np.float32))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    names = [layer.name for layer in quantized.layers]
+    assert len(set(names)) == len(names)
 
 
 # ----------------------------------------------------------------------------- all techniques
