@@ -220,17 +220,21 @@ class LayerScaleBlock(torch.nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_channels_come_out_of_a_converted_legacy_export_with_a_layer_scale(tmp_path):
-    """The layer scale comes back as a parameter, so Torch-Pruning narrows it with its channels."""
+def converted_and_half_pruned(network_class, path, exporter, opset):
+    """A `network_class` network (1x8x8 input, seeded) exported, converted back by onnx2torch and cut
+    to half its channels."""
     from optimization.backends.onnx_to_torch import convert
     from optimization.techniques.pytorch._common import prune_channels
 
     torch.manual_seed(0)
-    path = export(LayerScaleBlock().eval(), tmp_path / "block.onnx", "legacy", 17)
-    module, note = convert(path, (1, 8, 8))
+    module, note = convert(export(network_class().eval(), path, exporter, opset), (1, 8, 8))
     assert note["converted"], note
+    return module, prune_channels(module, (1, 8, 8), 0.5, round_to=None)[0]
 
-    pruned, _ = prune_channels(module, (1, 8, 8), 0.5, round_to=None)
+
+def test_channels_come_out_of_a_converted_legacy_export_with_a_layer_scale(tmp_path):
+    """The layer scale comes back as a parameter, so Torch-Pruning narrows it with its channels."""
+    module, pruned = converted_and_half_pruned(LayerScaleBlock, tmp_path / "block.onnx", "legacy", 17)
 
     assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in module.parameters())
@@ -301,15 +305,7 @@ class ConstantFlatten(torch.nn.Module):
 
 
 def test_channels_come_out_of_a_converted_export_that_flattens_to_a_constant_width(tmp_path):
-    from optimization.backends.onnx_to_torch import convert
-    from optimization.techniques.pytorch._common import prune_channels
-
-    torch.manual_seed(0)
-    path = export(ConstantFlatten().eval(), tmp_path / "flatten.onnx", "dynamo", 18)
-    module, note = convert(path, (1, 8, 8))
-    assert note["converted"], note
-
-    pruned, _ = prune_channels(module, (1, 8, 8), 0.5, round_to=None)
+    _, pruned = converted_and_half_pruned(ConstantFlatten, tmp_path / "flatten.onnx", "dynamo", 18)
 
     assert pruned(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     assert [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)] == [16]
