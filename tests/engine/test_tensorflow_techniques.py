@@ -382,3 +382,34 @@ def test_magnitude_pruning_leaves_the_uploaded_model_untouched(runs, demo):
     as_uploaded = BACKEND.load(model.source_path).module.get_weights()
     for kept, now in zip(as_uploaded, model.module.get_weights()):  # tfmot pruned it in place before
         np.testing.assert_array_equal(kept, now)
+
+
+def test_hybrid_on_a_model_with_a_normalization_layer_quantizes_the_pruned_model_after_training(
+        digits, tmp_path):
+    """keras.applications' EfficientNet starts with a Normalization layer, which tfmot's
+    pruning-preserving QAT scheme refuses: hybrid then quantizes the pruned model post-training
+    and says so, instead of failing."""
+    from optimization.backends.tensorflow import keras
+
+    normalization = keras.layers.Normalization(axis=-1)
+    normalization.adapt(digits.x_train)
+    inputs = keras.Input(digits.x_train.shape[1:])
+    features = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(normalization(inputs))
+    features = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(features)
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(features))
+    network = keras.Model(inputs, outputs)
+    network.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    network.fit(digits.x_train, digits.y_train, epochs=5, verbose=0)
+    network.save(tmp_path / "normalized.keras")
+    model = BACKEND.load(tmp_path / "normalized.keras")
+
+    config = TechniqueConfig(output_dir=tmp_path / "hybrid",
+                             options={"epochs": 1, "structured_epochs": 1, "qat_epochs": 1})
+    result = get_technique("tensorflow", "hybrid").optimize(model, config, digits, ignore_progress)
+
+    assert "post-training INT8 (QAT not applicable)" in result.details["stages"]
+    assert "Normalization" in result.details["qat_not_applicable"]
+    # the INT8 file is the pruned model quantized: they agree on (nearly) every test digit
+    pruned = BACKEND.load(result.artifacts["native"]).module.predict(digits.x_test, verbose=0).argmax(axis=1)
+    deployed = BACKEND.predict(result.artifacts["deploy"], digits.x_test).argmax(axis=1)
+    assert (pruned == deployed).mean() >= 0.9

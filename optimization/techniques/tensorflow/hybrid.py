@@ -75,13 +75,23 @@ class Technique(BaseOptimization):
 
         progress(0.7, "pruning-preserving quantization-aware training", {})
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-        quantized, not_annotated = quantize_aware(current, dataset.x_calib, scheme)
-        fit(quantized, dataset.x_train, dataset.y_train, int(options["qat_epochs"]), progress,
-            learning_rate=float(options["qat_learning_rate"]), cosine=True,
-            batch_size=int(options["batch_size"]), span=(0.7, 0.9),
-            message="pruning-preserving QAT", seed=config.seed)
-        details["stages"].append("pruning-preserving QAT")
-        details["layers_not_annotated"] = not_annotated
+        qat_epochs = int(options["qat_epochs"])
+        try:
+            quantized, not_annotated = quantize_aware(current, dataset.x_calib, scheme)
+        except ValueError as exc:
+            # tfmot's prune-preserving scheme refuses a layer its registry does not know (e.g.
+            # keras.applications EfficientNet's Normalization): post-training INT8 of the
+            # pruned model keeps its zeros as well, without the QAT fine-tuning.
+            quantized, qat_epochs = current, 0
+            details["stages"].append("post-training INT8 (QAT not applicable)")
+            details["qat_not_applicable"] = str(exc).split(". ")[0]
+        else:
+            fit(quantized, dataset.x_train, dataset.y_train, qat_epochs, progress,
+                learning_rate=float(options["qat_learning_rate"]), cosine=True,
+                batch_size=int(options["batch_size"]), span=(0.7, 0.9),
+                message="pruning-preserving QAT", seed=config.seed)
+            details["stages"].append("pruning-preserving QAT")
+            details["layers_not_annotated"] = not_annotated
 
         progress(0.9, "converting to INT8 .tflite", {})
         deploy = convert_to_tflite(quantized, Path(config.output_dir) / f"{self.name}.tflite",
@@ -91,7 +101,7 @@ class Technique(BaseOptimization):
             size_note="size_bytes is the INT8 .tflite as downloaded; the zeros show only in "
                       "compressed_size_bytes (gzip -9)",
         )
-        epochs = int(options["epochs"]) + int(options["qat_epochs"]) + (
+        epochs = int(options["epochs"]) + qat_epochs + (
             int(options["structured_epochs"]) if options["structured_first"] else 0)
         return technique_result(self.name, config, quantized, deploy, details,
                                 counted_model=current, preparation=model.preparation).record(
