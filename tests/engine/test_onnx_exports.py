@@ -256,12 +256,17 @@ class GhostSlice(torch.nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_a_legacy_export_slicing_channels_converts_to_a_module_torch_export_traces(tmp_path):
+def loaded_legacy_export(network_class, path, op_type):
+    """A `network_class` network (seeded) exported by the legacy exporter, which writes `op_type`,
+    and loaded by the app's loader (onnx2torch for the training techniques)."""
     torch.manual_seed(0)
-    path = export(GhostSlice().eval(), tmp_path / "ghost.onnx", "legacy", 17)
-    assert "Slice" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    export(network_class().eval(), path, "legacy", 17)
+    assert op_type in {node.op_type for node in onnx.load(str(path)).graph.node}
+    return backend.BACKEND.load(path)
 
-    model = backend.BACKEND.load(path)
+
+def test_a_legacy_export_slicing_channels_converts_to_a_module_torch_export_traces(tmp_path):
+    model = loaded_legacy_export(GhostSlice, tmp_path / "ghost.onnx", "Slice")
 
     assert model.trainable, model.preparation
     backend.export_program(model.module, (1, 8, 8))  # what the training techniques do with it
@@ -281,11 +286,7 @@ class BatchIndexed(torch.nn.Module):
 
 
 def test_a_range_up_to_the_batch_size_converts_to_a_module_torch_export_traces(tmp_path):
-    torch.manual_seed(0)
-    path = export(BatchIndexed().eval(), tmp_path / "range.onnx", "legacy", 17)
-    assert "Range" in {node.op_type for node in onnx.load(str(path)).graph.node}
-
-    model = backend.BACKEND.load(path)
+    model = loaded_legacy_export(BatchIndexed, tmp_path / "range.onnx", "Range")
 
     assert model.trainable, model.preparation
     program = backend.export_program(model.module, (1, 8, 8))
