@@ -291,5 +291,8 @@ LOGGING = {
     "loggers": {
         "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "django_q": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        # torch's ONNX exporter logs each of its graph passes at INFO: dozens of lines per export
+        "onnx_ir": {"level": "WARNING"},
+        "onnxscript": {"level": "WARNING"},
     },
 }

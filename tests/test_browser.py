@@ -98,6 +98,25 @@ def wait_for_status(page, *statuses: str, timeout: float = 300_000) -> None:
         timeout=timeout)
 
 
+def wait_for_loss_points(page, stack, count: int) -> None:
+    """Until the live loss chart holds `count` points; a run that ended first (it can never get
+    them then) or ten silent minutes fail with what the API and the worker logs say."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"""() => (Chart.getChart('live-loss-chart').data.datasets[0]?.data.length || 0) >= {count}
+                      || /^(completed|failed|stopped)$/.test(document.querySelector('#progress-panel').dataset.status)""",
+            timeout=600_000)
+    except PlaywrightTimeout:
+        pass
+    points = page.evaluate("() => Chart.getChart('live-loss-chart').data.datasets.map(d => d.data.length)")
+    if not points or points[0] < count:
+        experiment_id = re.search(r"/experiments/(\d+)/", page.url).group(1)
+        _, experiment, _ = stack.request("GET", f"/api/experiments/{experiment_id}")
+        pytest.fail(f"the run ended with loss points {points}: {experiment}\n{stack.logs()}")
+
+
 def stop_with_the_keyboard(page) -> None:
     """Tab to Stop, keep the focus there across a live update of the panel, press Enter."""
     for _ in range(40):
@@ -129,8 +148,7 @@ def test_create_watch_stop_by_keyboard_results_chart_and_bundle(browser_stack, b
     page.wait_for_selector("#technique-ptq_int8.status-completed", timeout=300_000)
     assert page.locator("#bar-overall").get_attribute("value") not in (None, "0")
     page.wait_for_function("() => Chart.getChart('live-results-chart')?.data.datasets.length >= 2")
-    page.wait_for_function("() => Chart.getChart('live-loss-chart').data.datasets[0]?.data.length >= 3",
-                           timeout=300_000)
+    wait_for_loss_points(page, browser_stack, 3)
     page.screenshot(path=str(tmp_path / "monitor-1280.png"), full_page=True)
     stop_with_the_keyboard(page)
     wait_for_status(page, "stopped")
