@@ -95,6 +95,7 @@ def test_unsupported_suffix_is_refused(tmp_path):
         run_estimate(str(path), "--device", "rpi4")
 
 
+@pytest.mark.slow
 def test_standard_mobilenet_at_224_matches_its_published_size(tmp_path):
     """MobileNet v1 0.25 at 224x224: 41 million MACs and 0.5 million parameters (Howard et al.
     2017, Table 6; the 1.0 model's 569 M is checked in bench/). Random weights: only the op

@@ -123,6 +123,7 @@ def test_the_upload_check_refuses_a_dynamo_export_with_its_weights_in_a_second_f
         check_onnx_file(path, "model.onnx")
 
 
+@pytest.mark.slow
 def test_a_zip_of_a_default_dynamo_export_and_its_data_file_trains_and_deploys_as_one_file(trained, digits, tmp_path):
     """torch.onnx.export's default writes model.onnx.data beside model.onnx; zipped together
     they load, convert for training (QAT here), and the deploy file is self-contained. The

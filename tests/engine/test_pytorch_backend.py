@@ -61,6 +61,7 @@ def test_pt2_whose_architecture_record_does_not_fit_its_weights_loads_as_the_exp
     assert torch.allclose(model.module(sample), module(sample), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchscript_needs_an_input_shape_and_then_matches_the_original(tmp_path):
     module = build("digits_cnn", 10, 1).eval()
     torch.jit.save(torch.jit.trace(module, torch.zeros(2, 1, 8, 8)), tmp_path / "m.pt")

@@ -71,6 +71,7 @@ def run(teacher, digits, tmp_path_factory):
     return run_technique
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_saved_onnx_runs_in_onnxruntime_at_about_the_baseline_accuracy(name, run, digits, baseline):
     result = run(name)
@@ -182,6 +183,7 @@ def test_distillation_reports_the_student_with_and_without_the_teacher(run):
     assert 0.5 < details["student_test_accuracy_without_teacher"] <= 1.0
 
 
+@pytest.mark.slow
 def test_student_cut_from_the_teacher_stays_near_it_and_beats_a_student_from_scratch(run, baseline):
     """One epoch: a student starting from the teacher's channels keeps the teacher's accuracy
     within a few points, where the same student from random weights has barely learned."""
@@ -226,6 +228,7 @@ def test_hybrid_on_an_onnx_upload_deploys_the_pruned_model(baseline, digits, tmp
     assert accuracy(backend.BACKEND, result.artifacts["deploy"], digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
 
 
+@pytest.mark.slow
 def test_fixed_batch_export_is_generalised_and_fine_tuned(digits, tmp_path):
     from optimization.zoo.pytorch import build
 

@@ -106,6 +106,7 @@ def test_a_savedmodel_that_touches_files_is_refused(tmp_path, file_op):
         BACKEND.load(zip_folder(tmp_path / "toucher", tmp_path / "toucher.zip"))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_from_keras_applications_passes_the_allowlist_and_loads(tmp_path):
     from optimization.zoo.keras import mobilenet_v2_small
 

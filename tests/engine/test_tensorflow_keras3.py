@@ -157,6 +157,7 @@ def test_keras3_applications_convert_output_for_output(tmp_path, name):
     assert loaded.preparation["max_abs_difference"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_qat_completes_when_the_layers_it_adds_would_take_names_the_loaded_model_has(tmp_path):
     """tfmot splits a SeparableConv2D into DepthwiseConv2D + Conv2D named by tf_keras's name
     counters, which do not count a loaded model's names: a model already holding the next
@@ -199,6 +200,7 @@ def test_qat_completes_when_the_layers_it_adds_would_take_names_the_loaded_model
 # ----------------------------------------------------------------------------- all techniques
 
 
+@pytest.mark.slow
 def test_all_seven_complete_on_a_keras3_functional_cnn_and_each_file_gives_its_accuracy(corpus, tmp_path):
     sink = run_engine(corpus["files"]["keras"], corpus["dataset"], tmp_path, options=ONE_EPOCH)
 
@@ -210,6 +212,7 @@ def test_all_seven_complete_on_a_keras3_functional_cnn_and_each_file_gives_its_a
     assert_every_deploy_file_gives_its_reported_accuracy(sink, corpus["dataset"])
 
 
+@pytest.mark.slow
 def test_an_exported_savedmodel_runs_post_training_and_skips_training_with_the_reason(corpus, tmp_path):
     sink = run_engine(corpus["files"]["export"], corpus["dataset"], tmp_path, options=ONE_EPOCH)
 

@@ -65,6 +65,7 @@ def size_ratio(result, baseline: Path) -> float:
     return result.artifacts["deploy"].stat().st_size / baseline.stat().st_size
 
 
+@pytest.mark.slow
 def test_every_technique_writes_a_tflite_and_a_keras_file(runs):
     for name in ("ptq_int8", "ptq_int4", "prune_structured"):
         result, _ = runs(name)
@@ -90,6 +91,7 @@ def weight_scale_counts(tflite_path: Path) -> set[int]:
                 schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED)}
 
 
+@pytest.mark.slow
 def test_ptq_int8_per_tensor_stores_one_scale_per_weight_and_is_smaller(runs):
     per_channel, _ = runs("ptq_int8", weight_granularity="per_channel")
     per_tensor, accuracy = runs("ptq_int8", weight_granularity="per_tensor")
@@ -196,6 +198,7 @@ def test_ptq_int4_w4a8_puts_big_dense_weights_in_4_bits_small_ones_and_convs_in_
     assert np.corrcoef(outputs.ravel(), reference.ravel())[0, 1] > 0.95  # int8 in, float out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_every_technique_fills_the_result_fields_the_catalog_promises(name, runs):
     result, _ = runs(name)
@@ -205,6 +208,7 @@ def test_every_technique_fills_the_result_fields_the_catalog_promises(name, runs
         assert min(result.bits_per_layer.values()) == {"int8": 8, "int4": 4}[result.precision]
 
 
+@pytest.mark.slow
 def test_unstructured_pruning_reaches_its_sparsity_but_only_the_compressed_file_shrinks(runs, demo):
     result, accuracy = runs("prune_unstructured", target_sparsity=0.5)
     assert result.sparsity == pytest.approx(0.5, abs=0.02)
@@ -246,6 +250,7 @@ def test_unstructured_pruning_keeps_layers_with_few_weights_dense(runs, demo):
             demo[0].module.get_layer(name).kernel.shape.num_elements()
 
 
+@pytest.mark.slow
 def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
     result, accuracy = runs("prune_structured", pruning_ratio=0.5)
     params, macs = count_params_macs(demo[0].module)
@@ -254,6 +259,7 @@ def test_structured_pruning_leaves_fewer_params_macs_and_bytes(runs, demo):
     assert accuracy >= PLAUSIBLE_ACCURACY
 
 
+@pytest.mark.slow
 def test_structured_fine_tuning_distils_from_the_unpruned_model_or_uses_labels_alone(runs):
     distilled, distilled_accuracy = runs("prune_structured", pruning_ratio=0.5)
     alone, alone_accuracy = runs("prune_structured", pruning_ratio=0.5, distill=False)
@@ -274,6 +280,7 @@ def test_distilled_student_is_smaller_and_is_compared_with_the_student_alone(run
     assert accuracy >= litert_accuracy(demo[1], digits) - 0.03
 
 
+@pytest.mark.slow
 def test_student_from_random_weights_is_still_available_and_said_so(runs):
     result, accuracy = runs("distillation", student_init="random")
     assert "random" in result.details["student"]
@@ -298,6 +305,7 @@ def test_qat_file_is_as_small_as_ptq_int8_per_tensor(runs, demo):
     assert result.artifacts["deploy"].stat().st_size <= 1.02 * ptq.artifacts["deploy"].stat().st_size
 
 
+@pytest.mark.slow
 def test_qat_starts_from_the_calibrated_ranges_of_ptq(runs):
     """Before any fine-tuning step the QAT file already matches PTQ: tfmot's own start, ranges
     of [-6, 6] and an input range of [0, 0], gives chance accuracy there."""
@@ -349,6 +357,7 @@ def mobilenet(tmp_path_factory):
     return BACKEND.load(path)
 
 
+@pytest.mark.slow
 def test_ptq_int8_runs_on_keras_applications_mobilenet_v2(tmp_path, mobilenet):
     rng = np.random.default_rng(0)
     images = rng.random((64, 32, 32, 3), dtype=np.float32)
@@ -363,6 +372,7 @@ def test_ptq_int8_runs_on_keras_applications_mobilenet_v2(tmp_path, mobilenet):
     assert result.artifacts["deploy"].stat().st_size <= 0.45 * float32_weight_bytes
 
 
+@pytest.mark.slow
 def test_channel_surgery_on_mobilenet_v2_keeps_residual_channels_whole(mobilenet):
     from optimization.techniques.tensorflow._common import shrink_channels
 
@@ -384,6 +394,7 @@ def test_magnitude_pruning_leaves_the_uploaded_model_untouched(runs, demo):
         np.testing.assert_array_equal(kept, now)
 
 
+@pytest.mark.slow
 def test_hybrid_on_a_model_with_a_normalization_layer_quantizes_the_pruned_model_after_training(
         digits, tmp_path):
     """keras.applications' EfficientNet starts with a Normalization layer, which tfmot's
