@@ -8,7 +8,7 @@ accuracy the results report next to the accuracy of the downloaded file.
 PyTorch: timm architectures (random init, trained briefly here) written by tests/foreign.py as
 `.pt2` (dynamic batch), TorchScript `.pt`, and ONNX from torch's dynamo and legacy exporters.
 TensorFlow: Keras 3 models from bench/corpus_tensorflow.py (a hand-written functional CNN,
-keras.applications MobileNetV3Small) as `.keras`, `.h5`, a `model.export()` SavedModel zip and
+keras.applications MobileNetV3Small and EfficientNetB0) as `.keras`, `.h5`, a `model.export()` SavedModel zip and
 a `tf.saved_model.save` zip of the compiled model. 32x32 (one PyTorch file 64x64), 10 classes,
 generated data; the fine-tuning techniques get one epoch (experiment config `{"techniques": {name: {"epochs": 1}}}`).
 
@@ -65,6 +65,7 @@ TENSORFLOW_CORPUS = {
     "handwritten_cnn_export.zip": ("functional_cnn", "export"),
     "handwritten_cnn_tf_saved_model.zip": ("functional_cnn", "tf_saved_model"),
     "mobilenet_v3_small.keras": ("mobilenet_v3_small", "keras"),
+    "efficientnet_b0.keras": ("efficientnet_b0", "keras"),
 }
 
 
@@ -116,7 +117,8 @@ def build_tensorflow(names: list[str], folder: Path, epochs: int):
 
     builders = {"functional_cnn": lambda: keras_corpus.functional_cnn(),
                 "functional_cnn_no_ops": lambda: keras_corpus.functional_cnn(keras_ops=False),
-                "mobilenet_v3_small": lambda: keras_corpus.keras_application("mobilenet_v3_small")}
+                "mobilenet_v3_small": lambda: keras_corpus.keras_application("mobilenet_v3_small"),
+                "efficientnet_b0": lambda: keras_corpus.keras_application("efficientnet_b0")}
     trained = {}
     for name in names:
         builder, file_format = TENSORFLOW_CORPUS[name]
