@@ -265,9 +265,25 @@ def _load_torchscript(path: Path, input_shape: tuple | None, num_classes: int | 
 
     scripted = torch.jit.load(str(path), map_location="cpu").eval()
     example = torch.zeros(2, *input_shape)
-    module, preparation = _prepare_graph(TS2EPConverter(scripted, (example,)).convert().module(), tuple(input_shape))
+    converted = TS2EPConverter(scripted, (example,)).convert().module()
+    _restore_parameters(converted, {name for name, _ in scripted.named_parameters()})
+    module, preparation = _prepare_graph(converted, tuple(input_shape))
     classes = num_classes or _output_classes(module, tuple(input_shape))
     return LoadedModel("pytorch", module, tuple(input_shape), classes, path, "pt", preparation=preparation)
+
+
+def _restore_parameters(module: nn.Module, parameter_names: set[str]) -> None:
+    """The TorchScript -> torch.export converter turns a parameter that no conv/linear op owns
+    (ConvNeXt's layer scale `gamma`, read by a plain multiply) into a buffer: fine-tuning would
+    not train it and Torch-Pruning would not narrow it with its channels (a pruned ConvNeXt then
+    fails with 'size of tensor a (20) must match ... (40)'). Make the buffers the TorchScript file
+    held as parameters parameters again, under the same name."""
+    for name in [name for name, _ in module.named_buffers() if name in parameter_names]:
+        owner_path, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        value = owner._buffers.pop(attribute)
+        owner._non_persistent_buffers_set.discard(attribute)
+        owner.register_parameter(attribute, nn.Parameter(value.detach().clone()))
 
 
 def _load_state_dict(path: Path, input_shape: tuple | None, architecture: str | None,

@@ -73,6 +73,27 @@ def test_torchscript_needs_an_input_shape_and_then_matches_the_original(tmp_path
     assert np.allclose(backend.BACKEND.predict(onnx_path, x), module(torch.from_numpy(x)).detach().numpy(), atol=1e-4)
 
 
+def test_a_torchscript_layer_scale_stays_a_parameter_so_channel_pruning_narrows_it(tmp_path):
+    """ConvNeXt's layer scale is a parameter that no conv/linear op owns; the TorchScript ->
+    torch.export converter made it a buffer, so it was neither trained nor pruned with its
+    channels and a ConvNeXt .pt's channel pruning was skipped ('size of tensor a (20) must
+    match ... (40)')."""
+    from optimization.techniques.pytorch._common import prune_channels
+    from tests.engine.test_onnx_exports import LayerScaleBlock
+
+    torch.manual_seed(0)
+    module = LayerScaleBlock().eval()
+    torch.jit.save(torch.jit.trace(module, torch.zeros(2, 1, 8, 8)), tmp_path / "block.pt")
+    model = backend.BACKEND.load(tmp_path / "block.pt", input_shape=(1, 8, 8))
+
+    assert any(parameter.shape == (32, 1, 1) for parameter in model.module.parameters())  # trainable
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(model.module(x), module(x), atol=1e-5)
+    pruned, _ = prune_channels(model.module, (1, 8, 8), 0.5, round_to=None)
+    assert pruned(x).shape == (3, 10)
+    assert any(parameter.shape == (16, 1, 1) for parameter in pruned.parameters())  # the layer scale, halved
+
+
 def test_state_dict_loads_into_the_named_architecture_with_classes_inferred(tmp_path):
     module = build("mobilenet_v2", 7, 3)
     torch.save(module.state_dict(), tmp_path / "weights.pth")
