@@ -150,6 +150,8 @@ def shrink_channels(model, keep_fraction: float, copy_weights: bool):
     """Rebuild `model` with `keep_fraction` of the filters in every layer whose channels can
     shrink. With copy_weights, the kept filters (largest L1 norm) keep their trained weights;
     without, the narrowed model is freshly initialized (a distillation student)."""
+    from optimization.backends.tensorflow import finalize_preprocessing_state
+
     keras, passthrough = _layer_kinds()
     if not isinstance(model, keras.Sequential) and type(model) is not keras.Model and \
             type(model).__name__ != "Functional":
@@ -193,6 +195,7 @@ def shrink_channels(model, keep_fraction: float, copy_weights: bool):
         else keras.Model.from_config(config)
     if copy_weights:
         _copy_kept_weights(model, rebuilt, layers, inbound, kept_channels, passthrough, keras)
+        finalize_preprocessing_state(rebuilt)
     return rebuilt, {"pruned_layers": pruned, "kept_whole": kept_whole}
 
 
@@ -349,7 +352,7 @@ def _wrapped_for_pruning(keras_model, schedule):
     import tensorflow_model_optimization as tfmot
     from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
-    from optimization.backends.tensorflow import keras
+    from optimization.backends.tensorflow import finalize_preprocessing_state, keras
 
     if not isinstance(keras_model, keras.Sequential) and not getattr(keras_model, "_is_graph_network", False):
         raise TechniqueNotApplicable(
@@ -357,6 +360,7 @@ def _wrapped_for_pruning(keras_model, schedule):
             "functional Keras model")
     copy = keras.models.clone_model(keras_model)
     copy.set_weights(keras_model.get_weights())
+    finalize_preprocessing_state(copy)
     not_pruned, kept_dense = [], []
 
     def wrap(layer):
@@ -419,13 +423,13 @@ def _annotate_and_apply(keras_model, scheme):
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
         default_8bit_quantize_registry)
 
-    from optimization.backends.tensorflow import keras
+    from optimization.backends.tensorflow import finalize_preprocessing_state, keras
 
     quantization = tfmot.quantization.keras
     scheme_args = (scheme,) if scheme is not None else ()
     try:
-        return quantization.quantize_apply(quantization.quantize_annotate_model(keras_model),
-                                           *scheme_args), []
+        return finalize_preprocessing_state(quantization.quantize_apply(
+            quantization.quantize_annotate_model(keras_model), *scheme_args)), []
     except (ValueError, RuntimeError):
         registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
         fused = _batchnorms_folded_by_tfmot(keras_model, registry, keras)
@@ -455,7 +459,8 @@ def _annotate_and_apply(keras_model, scheme):
 
         annotated = keras.models.clone_model(keras_model, clone_function=annotate)
         annotated.set_weights(keras_model.get_weights())
-        return quantization.quantize_apply(annotated, *scheme_args), skipped
+        finalize_preprocessing_state(annotated)
+        return finalize_preprocessing_state(quantization.quantize_apply(annotated, *scheme_args)), skipped
 
 
 # tfmot's 8-bit layout transforms fold a BatchNormalization into the one layer before it when
