@@ -650,6 +650,19 @@ def unwrap(layer):
     return layer
 
 
+def finalize_preprocessing_state(model):
+    """Refresh what tf_keras preprocessing layers compute from their weights. An adapted
+    Normalization divides by tensors that `finalize_state()` derives from its mean and variance
+    weights; a clone given its weights by `set_weights` (clone_model, from_config, tfmot's
+    wrappers) keeps those of its construction (mean 0, variance 1) and passes its input through
+    unchanged until this is called. Returns the model."""
+    for layer in leaf_layers(model):
+        layer = unwrap(layer)
+        if hasattr(layer, "finalize_state") and layer.built:
+            layer.finalize_state()
+    return model
+
+
 def count_params_macs(model) -> tuple[int, int]:
     """Parameters as deployed and multiply-accumulates of one forward pass of a batch-1 sample.
 

@@ -19,6 +19,7 @@ starts from PTQ's grid.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -149,6 +150,8 @@ def shrink_channels(model, keep_fraction: float, copy_weights: bool):
     """Rebuild `model` with `keep_fraction` of the filters in every layer whose channels can
     shrink. With copy_weights, the kept filters (largest L1 norm) keep their trained weights;
     without, the narrowed model is freshly initialized (a distillation student)."""
+    from optimization.backends.tensorflow import finalize_preprocessing_state
+
     keras, passthrough = _layer_kinds()
     if not isinstance(model, keras.Sequential) and type(model) is not keras.Model and \
             type(model).__name__ != "Functional":
@@ -192,6 +195,7 @@ def shrink_channels(model, keep_fraction: float, copy_weights: bool):
         else keras.Model.from_config(config)
     if copy_weights:
         _copy_kept_weights(model, rebuilt, layers, inbound, kept_channels, passthrough, keras)
+        finalize_preprocessing_state(rebuilt)
     return rebuilt, {"pruned_layers": pruned, "kept_whole": kept_whole}
 
 
@@ -348,7 +352,7 @@ def _wrapped_for_pruning(keras_model, schedule):
     import tensorflow_model_optimization as tfmot
     from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
-    from optimization.backends.tensorflow import keras
+    from optimization.backends.tensorflow import finalize_preprocessing_state, keras
 
     if not isinstance(keras_model, keras.Sequential) and not getattr(keras_model, "_is_graph_network", False):
         raise TechniqueNotApplicable(
@@ -356,6 +360,7 @@ def _wrapped_for_pruning(keras_model, schedule):
             "functional Keras model")
     copy = keras.models.clone_model(keras_model)
     copy.set_weights(keras_model.get_weights())
+    finalize_preprocessing_state(copy)
     not_pruned, kept_dense = [], []
 
     def wrap(layer):
@@ -395,8 +400,6 @@ def _prunable_weight_count(layer) -> int | None:
 # range each sample batch moved the average towards through it
 TFMOT_EMA_DECAY = 0.999
 CALIBRATION_BATCH = 64
-# a second round measures each range with the ranges before it already calibrated
-CALIBRATION_ROUNDS = 2
 
 
 # timed: building the fake-quant model and its train step takes ~3x a plain model's, and
@@ -420,33 +423,72 @@ def _annotate_and_apply(keras_model, scheme):
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
         default_8bit_quantize_registry)
 
-    from optimization.backends.tensorflow import keras
+    from optimization.backends.tensorflow import finalize_preprocessing_state, keras
 
     quantization = tfmot.quantization.keras
     scheme_args = (scheme,) if scheme is not None else ()
     try:
-        return quantization.quantize_apply(quantization.quantize_annotate_model(keras_model),
-                                           *scheme_args), []
+        return finalize_preprocessing_state(quantization.quantize_apply(
+            quantization.quantize_annotate_model(keras_model), *scheme_args)), []
     except (ValueError, RuntimeError):
         registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+        fused = _batchnorms_folded_by_tfmot(keras_model, registry, keras)
+
+        def output_only(layer) -> bool:
+            return not layer.trainable_weights and not isinstance(layer, keras.layers.InputLayer)
+
         skipped = [layer.name for layer in keras_model.layers
-                   if layer.weights and not _quantizable(layer, registry, keras)]
+                   if layer.weights and not _quantizable(layer, registry, keras)
+                   and layer.name not in fused and not output_only(layer)]
 
         def annotate(layer):
-            """Supported layers as tfmot's registry says; other weightless ones (a Keras 3
-            model's Keras3Activation, Rescaling) with their output quantized, as the INT8
-            conversion will (left unannotated, tfmot's prune-preserving scheme raises on
-            them); layers with weights tfmot does not know stay float."""
+            """Supported layers as tfmot's registry says, and the BatchNormalization layers its
+            transforms fold into the conv before them (left out, the conv's output would be
+            rounded before the BatchNorm, which then stays a float MUL and ADD pair in the
+            INT8 file). Other layers without trainable weights (a Keras 3 model's
+            Keras3Activation, Rescaling, a Normalization with its fixed mean and variance)
+            get their output quantized, as the INT8 conversion will (left unannotated,
+            tfmot's prune-preserving scheme raises on them); layers with trainable weights
+            tfmot does not know stay float."""
             clone = layer.__class__.from_config(layer.get_config())
-            if _quantizable(layer, registry, keras):
+            if _quantizable(layer, registry, keras) or layer.name in fused:
                 return quantization.quantize_annotate_layer(clone)
-            if not layer.weights and not isinstance(layer, keras.layers.InputLayer):
+            if output_only(layer):
                 return quantization.quantize_annotate_layer(clone, output_quantize_config())
             return clone
 
         annotated = keras.models.clone_model(keras_model, clone_function=annotate)
         annotated.set_weights(keras_model.get_weights())
-        return quantization.quantize_apply(annotated, *scheme_args), skipped
+        finalize_preprocessing_state(annotated)
+        return finalize_preprocessing_state(quantization.quantize_apply(annotated, *scheme_args)), skipped
+
+
+# tfmot's 8-bit layout transforms fold a BatchNormalization into the one layer before it when
+# that layer is one of these with a linear activation and the BatchNorm is its only consumer
+TFMOT_BATCHNORM_FOLDED_AFTER = frozenset({"Conv2D", "DepthwiseConv2D", "Dense"})
+
+
+def _batchnorms_folded_by_tfmot(keras_model, registry, keras) -> set[str]:
+    """The BatchNormalization layers of `keras_model` that tfmot's transforms fold into the
+    quantized conv / dense layer before them (as the whole-model annotation does, and as the
+    INT8 converter folds them)."""
+    layers, inbound, outputs, _ = _graph(keras_model, keras)
+    consumers: dict[str, list[str]] = {}
+    for name, sources in inbound.items():
+        for source in sources:
+            consumers.setdefault(source, []).append(name)
+    folded = set()
+    for name, layer in layers.items():
+        if type(layer).__name__ not in ("BatchNormalization", "SyncBatchNormalization") \
+                or len(inbound[name]) != 1:
+            continue
+        source = layers.get(inbound[name][0])
+        activation = getattr(getattr(source, "activation", None), "__name__", None)
+        if type(source).__name__ in TFMOT_BATCHNORM_FOLDED_AFTER and activation == "linear" \
+                and _quantizable(source, registry, keras) and consumers[source.name] == [name] \
+                and source.name not in outputs:
+            folded.add(name)
+    return folded
 
 
 # activations tfmot's default 8-bit scheme quantizes: in an Activation layer
@@ -508,39 +550,63 @@ def _quantizable(layer, registry, keras) -> bool:
 
 def calibrate_activation_ranges(model, x) -> int:
     """Set every moving-average range of the QAT `model` to the min / max its tensor takes on
-    `x` (in training mode, as fine-tuning sees it). Each batch's forward pass moves a range
-    towards that batch's extremes by 1 - TFMOT_EMA_DECAY; the extremes are read back from the
-    move, the state the pass changed (ranges, BatchNorm statistics) is put back, and the widest
-    extremes over all batches are assigned. The other quantizers' variables (weight ranges, set
-    from the weights on every step; the input layer's all-values range) keep what the pass set.
-    Returns the number of ranges set."""
+    `x` in the float network (in training mode, as fine-tuning sees it), as post-training
+    calibration measures them.
+
+    The forward passes run with tfmot's fake quantization off (`_fake_quantization_off`): were
+    each tensor rounded on the range it starts from while the ranges are measured, every range
+    would be read from a signal the ranges before it had already distorted. tfmot starts them
+    at [-6, 6], whose 256 levels zero out a tensor of small magnitude (EfficientNet's input
+    after its Rescaling(1/255) lies in [0, 0.004]): everything downstream was then calibrated
+    on a constant, and the QAT model started at chance.
+
+    Every range starts at 0; each batch's pass moves it towards that batch's extremes by
+    1 - TFMOT_EMA_DECAY, which is read back, and the state the pass changed (ranges, BatchNorm
+    statistics) is put back; the widest extremes over all batches are assigned. The other
+    quantizers' variables (weight ranges, set from the weights on every step; the input layer's
+    all-values range) keep what the passes set. Returns the number of ranges set."""
     ranges, other_quantizer_vars = _quantizer_variables(model)
     owned = {variable.ref() for pair in ranges for variable in pair} | {v.ref() for v in other_quantizer_vars}
     # a forward pass changes no trainable weight: only these need putting back
     moved = [variable for variable in model.non_trainable_weights if variable.ref() not in owned]
     moved_values = [variable.numpy() for variable in moved]
     x = np.asarray(x, dtype=np.float32)
-    for _ in range(CALIBRATION_ROUNDS):
-        before = [(low_var.numpy(), high_var.numpy()) for low_var, high_var in ranges]
-        low = [np.inf] * len(ranges)
-        high = [-np.inf] * len(ranges)
+    for low_var, high_var in ranges:
+        low_var.assign(np.zeros(low_var.shape, np.float32))
+        high_var.assign(np.zeros(high_var.shape, np.float32))
+    low = [np.zeros(low_var.shape) for low_var, _ in ranges]
+    high = [np.zeros(high_var.shape) for _, high_var in ranges]
+    with _fake_quantization_off():
         for start in range(0, len(x), CALIBRATION_BATCH):
             model(x[start:start + CALIBRATION_BATCH], training=True)
-            for index, ((low_var, high_var), (low_before, high_before)) in enumerate(zip(ranges, before)):
-                low[index] = np.minimum(low[index], _ema_target(low_var.numpy(), low_before))
-                high[index] = np.maximum(high[index], _ema_target(high_var.numpy(), high_before))
-                low_var.assign(low_before)
-                high_var.assign(high_before)
+            for index, (low_var, high_var) in enumerate(ranges):
+                low[index] = np.minimum(low[index], low_var.numpy() / (1 - TFMOT_EMA_DECAY))
+                high[index] = np.maximum(high[index], high_var.numpy() / (1 - TFMOT_EMA_DECAY))
+                low_var.assign(np.zeros(low_var.shape, np.float32))
+                high_var.assign(np.zeros(high_var.shape, np.float32))
             for variable, value in zip(moved, moved_values):
                 variable.assign(value)
-        for (low_var, high_var), low_value, high_value in zip(ranges, low, high):
-            low_var.assign(np.asarray(low_value, dtype=np.float32).reshape(low_var.shape))
-            high_var.assign(np.asarray(high_value, dtype=np.float32).reshape(high_var.shape))
+    for (low_var, high_var), low_value, high_value in zip(ranges, low, high):
+        low_var.assign(np.asarray(low_value, dtype=np.float32))
+        high_var.assign(np.asarray(high_value, dtype=np.float32))
     return len(ranges)
 
 
-def _ema_target(after: np.ndarray, before: np.ndarray) -> np.ndarray:
-    return (after.astype(np.float64) - TFMOT_EMA_DECAY * before) / (1 - TFMOT_EMA_DECAY)
+@contextlib.contextmanager
+def _fake_quantization_off():
+    """Inside, tfmot's quantizers pass their input through unrounded while still moving their
+    ranges: the model computes in float and every range sees its float tensor. (Every tfmot
+    quantizer rounds through `quant_ops._FakeQuantWithMinMaxVars`, or `FixedQuantize` for a
+    fixed range; both are looked up on the module at each call.)"""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+    originals = quant_ops._FakeQuantWithMinMaxVars, quant_ops.FixedQuantize
+    quant_ops._FakeQuantWithMinMaxVars = lambda inputs, *args, **kwargs: inputs
+    quant_ops.FixedQuantize = lambda inputs, *args, **kwargs: inputs
+    try:
+        yield
+    finally:
+        quant_ops._FakeQuantWithMinMaxVars, quant_ops.FixedQuantize = originals
 
 
 def _quantizer_variables(model) -> tuple[list[tuple], list]:

@@ -79,9 +79,10 @@ class Technique(BaseOptimization):
         try:
             quantized, not_annotated = quantize_aware(current, dataset.x_calib, scheme)
         except ValueError as exc:
-            # tfmot's prune-preserving scheme refuses a layer its registry does not know (e.g.
-            # keras.applications EfficientNet's Normalization): post-training INT8 of the
-            # pruned model keeps its zeros as well, without the QAT fine-tuning.
+            # tfmot's prune-preserving scheme refuses a layer its registry does not know (it
+            # did EfficientNet's Normalization before quantize_aware gave such layers an output
+            # quantizer of their own): post-training INT8 of the pruned model keeps its zeros
+            # as well, without the QAT fine-tuning.
             quantized, qat_epochs = current, 0
             details["stages"].append("post-training INT8 (QAT not applicable)")
             details["qat_not_applicable"] = str(exc).split(". ")[0]

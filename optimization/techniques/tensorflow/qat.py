@@ -1,9 +1,11 @@
 """Quantization-aware training with tfmot (fake-quant INT8 during fine-tuning), converted to
-a real full-integer INT8 `.tflite`. When tfmot cannot quantize the whole model, only the
-layers its default registry supports are annotated; the details list the others.
+a real full-integer INT8 `.tflite`. When tfmot cannot quantize the whole model, the layers
+its default registry supports are annotated one by one, with the BatchNorms it folds into
+their convs and the outputs of the other layers without trainable weights (a Normalization,
+a Rescaling); the details list the layers left in float.
 
-Activation ranges start from the calibration samples, not tfmot's [-6, 6]
-(`_common.quantize_aware`, which says why). Weights are per tensor by default
+Activation ranges start from the float network's on the calibration samples, not tfmot's
+[-6, 6] (`_common.quantize_aware` and `calibrate_activation_ranges`, which say why). Weights are per tensor by default
 (`weight_granularity`): the per-channel file stores a float32 scale and an int64 zero point
 per channel of every weight and bias (see ptq_int8), a quarter of a thin MobileNet's INT8 file
 (MobileNetV2 alpha 0.35 in BENCHMARKS.md: 2.62x smaller than FP32 per channel, 3.59x per
