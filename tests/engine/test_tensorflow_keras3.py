@@ -251,9 +251,11 @@ def test_qat_on_an_efficientnet_like_keras3_model_is_as_accurate_and_as_small_as
 
     _, ptq_accuracy, ptq_ops = run("ptq_int8", weight_granularity="per_tensor")
     assert ptq_accuracy > 0.5  # the model learned the data, and INT8 keeps it
-    for epochs in (0, 1):  # calibrated alone, then after an epoch of fine-tuning
+    # calibrated alone: PTQ's ranges; after an epoch of fine-tuning (TensorFlow's training is not
+    # bit-for-bit repeatable) within a few test samples of it. The bug left QAT at chance.
+    for epochs, allowed_drop in ((0, 0.02), (1, 0.05)):
         qat, accuracy, ops = run("qat", epochs=epochs)
-        assert accuracy >= ptq_accuracy - 0.02, (epochs, accuracy, ptq_accuracy)
+        assert accuracy >= ptq_accuracy - allowed_drop, (epochs, accuracy, ptq_accuracy)
         # PTQ's INT8 graph, BatchNorms folded into their convs; QAT keeps the head's
         # Rescaling as one MUL of its own (fake-quantized, it cannot fold into the conv)
         assert ops - ptq_ops <= Counter({"MUL": 1}), (ops, ptq_ops)
