@@ -19,6 +19,7 @@ from optimization.base import TECHNIQUES, InvalidInputError, UnsafeModelError
 from optimization.datasets import load_dataset
 from optimization.safety.keras_check import check_keras_file, keras_major_version
 from optimization.safety.savedmodel_check import inspect_savedmodel_zip
+from tests.engine.test_tensorflow_techniques import op_names
 
 TRAINING_TECHNIQUES = ("prune_unstructured", "prune_structured", "distillation", "qat", "hybrid")
 ONE_EPOCH = {name: {"epochs": 1} for name in TRAINING_TECHNIQUES}
@@ -247,7 +248,7 @@ def test_qat_on_an_efficientnet_like_keras3_model_is_as_accurate_and_as_small_as
         config = TechniqueConfig(output_dir=tmp_path / name, options=options)
         result = get_technique("tensorflow", name).optimize(model, config, dataset, lambda *_: None)
         deploy = result.artifacts["deploy"]
-        return result, litert_accuracy(deploy, dataset.x_test, dataset.y_test), tflite_ops(deploy)
+        return result, litert_accuracy(deploy, dataset.x_test, dataset.y_test), Counter(op_names(deploy))
 
     _, ptq_accuracy, ptq_ops = run("ptq_int8", weight_granularity="per_tensor")
     assert ptq_accuracy > 0.5  # the model learned the data, and INT8 keeps it
@@ -260,12 +261,6 @@ def test_qat_on_an_efficientnet_like_keras3_model_is_as_accurate_and_as_small_as
         # Rescaling as one MUL of its own (fake-quantized, it cannot fold into the conv)
         assert ops - ptq_ops <= Counter({"MUL": 1}), (ops, ptq_ops)
         assert qat.details["layers_not_annotated"] == []
-
-
-def tflite_ops(path) -> Counter:
-    from ai_edge_litert.interpreter import Interpreter
-
-    return Counter(op["op_name"] for op in Interpreter(model_path=str(path))._get_ops_details())
 
 
 # ----------------------------------------------------------------------------- all techniques

@@ -459,7 +459,6 @@ def _annotate_and_apply(keras_model, scheme):
 
         annotated = keras.models.clone_model(keras_model, clone_function=annotate)
         annotated.set_weights(keras_model.get_weights())
-        finalize_preprocessing_state(annotated)
         return finalize_preprocessing_state(quantization.quantize_apply(annotated, *scheme_args)), skipped
 
 
