@@ -12,7 +12,7 @@
 4. Writes optimization/devices/fitted.json (read by the estimator), bench/results/estimator.json
    and the "## Estimator validation" section of BENCHMARKS.md.
 
-Run: /tmp/venv/bin/python bench/estimator_validation.py [--cache DIR]
+Run: .venv/bin/python bench/estimator_validation.py [--cache DIR]
 """
 from __future__ import annotations
 
