@@ -271,7 +271,7 @@ def normalization_as_affine(model, check_x):
         source = layers.get(inbound[name][0])
         chain = [name]
         if isinstance(source, keras.layers.Rescaling) and consumers[source.name] == [name] \
-                and source.name not in outputs and len(inbound[source.name]) == 1:
+                and source.name not in outputs and len(inbound[source.name]) <= 1:
             chain.insert(0, source.name)
         folds[name] = chain
     if not folds:
