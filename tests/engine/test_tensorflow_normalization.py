@@ -72,3 +72,27 @@ def test_int8_keeps_the_accuracy_of_a_model_with_an_adapted_normalization(tinted
         lambda *_: None)
     accuracy = litert_accuracy(result.artifacts["deploy"], dataset.x_test, dataset.y_test)
     assert accuracy >= tinted["float_accuracy"] - 0.02, (accuracy, tinted["float_accuracy"])
+
+
+def test_the_head_becomes_one_affine_op_with_the_same_outputs_and_an_identity_stays():
+    """In a Sequential model too (its Rescaling is its first layer); EfficientNet's
+    Normalization (mean 0, variance 1) is dropped by the converter and left alone."""
+    from optimization.backends.tensorflow import keras
+    from optimization.techniques.tensorflow._common import normalization_as_affine
+
+    x, _ = tinted_images(n=32)
+    adapted = keras.layers.Normalization()
+    adapted.adapt(x / 255.0)
+    model = keras.Sequential([keras.Input((SIDE, SIDE, 3)), keras.layers.Rescaling(1 / 255.0),
+                              adapted, keras.layers.Conv2D(4, 3), keras.layers.Flatten()])
+
+    rewritten, folded = normalization_as_affine(model, x)
+
+    assert [type(layer).__name__ for layer in rewritten.layers] == ["DepthwiseConv2D", "Conv2D", "Flatten"]
+    assert folded[0]["layers"] == [model.layers[0].name, adapted.name]
+    np.testing.assert_allclose(rewritten.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4)
+
+    identity = keras.Sequential([keras.Input((SIDE, SIDE, 3)), keras.layers.Rescaling(1 / 255.0),
+                                 keras.layers.Normalization(mean=0.0, variance=1.0),
+                                 keras.layers.Conv2D(4, 3)])
+    assert normalization_as_affine(identity, x) == (identity, [])
