@@ -1,7 +1,8 @@
 """Work the TensorFlow techniques share, so that no technique imports another: channel
 surgery and its fine-tuning (prune_structured, distillation's student, hybrid), the distiller,
 magnitude pruning (prune_unstructured, hybrid), quantization-aware training from calibrated
-ranges (qat, hybrid), and `diagnostic`, which keeps an optional measurement from failing a run.
+ranges (qat, hybrid), a Normalization head rewritten as one affine op before INT8 conversion
+(ptq_int8, qat, hybrid), and `diagnostic`, which keeps an optional measurement from failing a run.
 
 Channel surgery: each prunable Conv2D / Dense keeps the filters with the largest L1 norm; the
 model is rebuilt from its config with fewer filters, the kept weights are copied, and the
@@ -125,6 +126,15 @@ def _graph(model, keras):
     return layers, inbound, outputs, config
 
 
+def _consumers(inbound: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The names of the layers each layer feeds, from `_graph`'s inbound names."""
+    consumers: dict[str, list[str]] = {}
+    for name, sources in inbound.items():
+        for source in sources:
+            consumers.setdefault(source, []).append(name)
+    return consumers
+
+
 def _blocker(name, layers, consumers, inbound, outputs, passthrough, keras) -> str | None:
     """Why the channels of `name` cannot shrink, or None when every path downstream ends in a
     conv/dense layer through layers that simply follow the channels."""
@@ -159,10 +169,7 @@ def shrink_channels(model, keep_fraction: float, copy_weights: bool):
             f"{type(model).__name__} is a subclassed model; channel surgery needs a Sequential "
             "or functional Keras model")
     layers, inbound, outputs, config = _graph(model, keras)
-    consumers: dict[str, list[str]] = {}
-    for name, sources in inbound.items():
-        for source in sources:
-            consumers.setdefault(source, []).append(name)
+    consumers = _consumers(inbound)
 
     kept_channels, pruned, kept_whole = {}, [], []
     for name, layer in layers.items():
@@ -231,6 +238,106 @@ def _copy_kept_weights(model, rebuilt, layers, inbound, kept_channels, passthrou
         elif incoming is not None:  # BatchNormalization: every vector is per channel
             weights = [np.take(w, incoming, axis=0) for w in weights]
         rebuilt.get_layer(name).set_weights(weights)
+
+
+# ----------------------------------------------------------------------------- INT8 input normalization
+
+
+def normalization_as_affine(model, check_x):
+    """`model` with each adapted per-channel Normalization of an image (and a Rescaling just
+    before it) rewritten as the one per-channel affine x * scale + offset it computes, a 1x1
+    DepthwiseConv2D, for conversion to INT8; and what was rewritten.
+
+    Why: the INT8 converter quantizes a Normalization's SUB (x - mean) on the grid of the DIV
+    after it, whose range is 1 / std times wider when std < 1 (mean 0.5, variance 0.08 after a
+    Rescaling(1/255)): every image reaches the network on ~256 * std levels, 3.4 gray levels a
+    step whatever its contrast, instead of every gray level. The single op gets its own
+    calibrated range, and integer pixels keep their levels. A Normalization with mean 0 and
+    variance 1 (EfficientNet's) is left alone: the converter drops it. Each rewrite must give
+    the original's outputs on `check_x` (CONVERSION_TOLERANCE), else the model is returned as
+    it was."""
+    from optimization.backends.keras3_convert import max_output_difference
+    from optimization.backends.tensorflow import (
+        CONVERSION_CHECK_SAMPLES, CONVERSION_TOLERANCE, finalize_preprocessing_state, keras)
+
+    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        return model, []
+    layers, inbound, outputs, config = _graph(model, keras)
+    consumers = _consumers(inbound)
+    folds = {}  # Normalization name -> the layers it stands for, first to last
+    for name, layer in layers.items():
+        if not _per_channel_normalization(layer, keras) or len(inbound[name]) != 1:
+            continue
+        source = layers.get(inbound[name][0])
+        chain = [name]
+        if isinstance(source, keras.layers.Rescaling) and consumers[source.name] == [name] \
+                and source.name not in outputs and len(inbound[source.name]) <= 1:
+            chain.insert(0, source.name)
+        folds[name] = chain
+    if not folds:
+        return model, []
+
+    entries = config["layers"]
+    folded_away = {chain[0] for chain in folds.values() if len(chain) == 2}
+    affine = {}
+    for entry in entries:
+        name = entry["config"]["name"]
+        if name not in folds:
+            continue
+        chain = [layers[layer_name] for layer_name in folds[name]]
+        channels = int(chain[-1].input_shape[-1])
+        scale, offset = _affine_of(chain, channels)
+        affine[name] = [scale.reshape(1, 1, channels, 1), offset]
+        entry["class_name"] = "DepthwiseConv2D"
+        entry["config"] = {"name": name, "kernel_size": 1, "use_bias": True,
+                           "dtype": entry["config"].get("dtype", "float32")}
+        if len(folds[name]) == 2 and "inbound_nodes" in entry:
+            entry["inbound_nodes"] = next(e["inbound_nodes"] for e in entries
+                                          if e["config"]["name"] == folds[name][0])
+    config["layers"] = [e for e in entries if e["config"]["name"] not in folded_away]
+    rebuilt = type(model).from_config(config) if isinstance(model, keras.Sequential) \
+        else keras.Model.from_config(config)
+    for layer in rebuilt.layers:
+        weights = affine.get(layer.name) or layers[layer.name].get_weights()
+        if weights:
+            layer.set_weights(weights)
+    finalize_preprocessing_state(rebuilt)
+    difference = max_output_difference(model, rebuilt, np.asarray(check_x)[:CONVERSION_CHECK_SAMPLES])
+    if not difference <= CONVERSION_TOLERANCE:
+        logger.warning("Normalization as an affine op differs by %.2g; converting it as it is",
+                       difference)
+        return model, []
+    return rebuilt, [{"layers": chain, "as": "DepthwiseConv2D 1x1 (x * scale + offset)",
+                      "max_abs_difference": difference} for chain in folds.values()]
+
+
+def _per_channel_normalization(layer, keras) -> bool:
+    """An adapted (or given) Normalization over the channels of an NHWC image, not the identity."""
+    if type(layer) is not keras.layers.Normalization or len(layer.input_shape) != 4:
+        return False
+    if tuple(a % 4 for a in layer.axis) != (3,):
+        return False
+    mean, variance = np.asarray(layer.mean), np.asarray(layer.variance)
+    return not (np.all(mean == 0) and np.all(variance == 1))
+
+
+def _affine_of(chain, channels: int):
+    """(scale, offset) per channel of the affine map the Rescaling and Normalization layers of
+    `chain` compute one after another, in float64 (read from float32 outputs, the scale of a
+    low-contrast image's normalization loses digits to cancellation)."""
+    from optimization.backends.tensorflow import keras
+
+    scale, offset = np.ones(channels), np.zeros(channels)
+    for layer in chain:
+        if isinstance(layer, keras.layers.Rescaling):
+            step, shift = np.asarray(layer.scale, np.float64), np.asarray(layer.offset, np.float64)
+        else:
+            std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)), keras.backend.epsilon())
+            mean = np.asarray(layer.mean, np.float64)
+            step, shift = (std, mean) if layer.invert else (1 / std, -mean / std)
+        scale, offset = scale * step, offset * step + shift
+    return (np.broadcast_to(scale, (1, 1, 1, channels)).ravel().astype(np.float32),
+            np.broadcast_to(offset, (1, 1, 1, channels)).ravel().astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -472,10 +579,7 @@ def _batchnorms_folded_by_tfmot(keras_model, registry, keras) -> set[str]:
     quantized conv / dense layer before them (as the whole-model annotation does, and as the
     INT8 converter folds them)."""
     layers, inbound, outputs, _ = _graph(keras_model, keras)
-    consumers: dict[str, list[str]] = {}
-    for name, sources in inbound.items():
-        for source in sources:
-            consumers.setdefault(source, []).append(name)
+    consumers = _consumers(inbound)
     folded = set()
     for name, layer in layers.items():
         if type(layer).__name__ not in ("BatchNormalization", "SyncBatchNormalization") \

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
 from optimization.techniques.tensorflow._common import (
-    PRUNING_SETUP, QAT_CONVERSION, QAT_SETUP, narrowed_step_cost, prune_filters_finetuned,
-    prune_magnitude_finetuned, quantize_aware)
+    PRUNING_SETUP, QAT_CONVERSION, QAT_SETUP, narrowed_step_cost, normalization_as_affine,
+    prune_filters_finetuned, prune_magnitude_finetuned, quantize_aware)
 
 
 class Technique(BaseOptimization):
@@ -76,14 +76,17 @@ class Technique(BaseOptimization):
         progress(0.7, "pruning-preserving quantization-aware training", {})
         scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
         qat_epochs = int(options["qat_epochs"])
+        quantizable, folded = normalization_as_affine(current, dataset.x_calib)
+        if folded:
+            details["normalization_as_affine"] = folded
         try:
-            quantized, not_annotated = quantize_aware(current, dataset.x_calib, scheme)
+            quantized, not_annotated = quantize_aware(quantizable, dataset.x_calib, scheme)
         except ValueError as exc:
             # tfmot's prune-preserving scheme refuses a layer its registry does not know (it
             # did EfficientNet's Normalization before quantize_aware gave such layers an output
             # quantizer of their own): post-training INT8 of the pruned model keeps its zeros
             # as well, without the QAT fine-tuning.
-            quantized, qat_epochs = current, 0
+            quantized, qat_epochs = quantizable, 0
             details["stages"].append("post-training INT8 (QAT not applicable)")
             details["qat_not_applicable"] = str(exc).split(". ")[0]
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
+from optimization.techniques.tensorflow._common import normalization_as_affine
 
 # "auto" takes per-tensor only for a real saving, not for a few bytes at any accuracy risk
 AUTO_MIN_SAVING = 0.05
@@ -42,12 +43,12 @@ class Technique(BaseOptimization):
         output_dir = Path(config.output_dir)
         deploy = output_dir / f"{self.name}.tflite"
         progress(0.1, f"calibrating on {len(calibration_x)} samples and converting to INT8", {})
-        convert_to_tflite(model.module, deploy, calibration_x,
-                          per_channel=granularity != "per_tensor")
-        details = {}
+        converted, folded = normalization_as_affine(model.module, calibration_x)
+        convert_to_tflite(converted, deploy, calibration_x, per_channel=granularity != "per_tensor")
+        details = {"normalization_as_affine": folded} if folded else {}
         if granularity == "auto":
             progress(0.5, "converting with per-tensor weight scales to compare", {})
-            per_tensor = convert_to_tflite(model.module, output_dir / f"{self.name}_per_tensor.tflite",
+            per_tensor = convert_to_tflite(converted, output_dir / f"{self.name}_per_tensor.tflite",
                                            calibration_x, per_channel=False)
             check_x = dataset.x_train[:AUTO_CHECK_SAMPLES]
             check_y = dataset.y_train[:AUTO_CHECK_SAMPLES]

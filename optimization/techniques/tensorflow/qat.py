@@ -2,7 +2,9 @@
 a real full-integer INT8 `.tflite`. When tfmot cannot quantize the whole model, the layers
 its default registry supports are annotated one by one, with the BatchNorms it folds into
 their convs and the outputs of the other layers without trainable weights (a Normalization,
-a Rescaling); the details list the layers left in float.
+a Rescaling); the details list the layers left in float. An adapted Normalization (with the
+Rescaling before it) is first rewritten as one per-channel affine op (`_common.normalization_as_affine`
+says why), so it is quantized as PTQ INT8 quantizes it.
 
 Activation ranges start from the float network's on the calibration samples, not tfmot's
 [-6, 6] (`_common.quantize_aware` and `calibrate_activation_ranges`, which say why). Weights are per tensor by default
@@ -17,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow._common import QAT_CONVERSION, QAT_SETUP, quantize_aware
+from optimization.techniques.tensorflow._common import (
+    QAT_CONVERSION, QAT_SETUP, normalization_as_affine, quantize_aware)
 
 def per_tensor_scheme():
     """tfmot's 8-bit scheme with one scale per weight tensor (its default 8-bit scheme is
@@ -45,7 +48,8 @@ class Technique(BaseOptimization):
         options = self.options(config)
         per_channel = options["weight_granularity"] == "per_channel"
         progress(0.0, "inserting fake-quantization", {})
-        quantized, not_annotated = quantize_aware(model.module, dataset.x_calib,
+        trainee, folded = normalization_as_affine(model.module, dataset.x_calib)
+        quantized, not_annotated = quantize_aware(trainee, dataset.x_calib,
                                                   None if per_channel else per_tensor_scheme())
         epochs = int(options["epochs"])
         fit(quantized, dataset.x_train, dataset.y_train, epochs, progress,
@@ -61,6 +65,8 @@ class Technique(BaseOptimization):
                                         "fine-tuning (tfmot's own start: [-6, 6])",
                    "native_note": "the .keras file holds the QAT model; load it inside "
                                   "tfmot.quantization.keras.quantize_scope()"}
+        if folded:
+            details["normalization_as_affine"] = folded
         return technique_result(self.name, config, quantized, deploy, details,
                                 counted_model=model.module, preparation=model.preparation).record(
             precision="int8", epochs=epochs, calibration_samples=len(dataset.x_calib)).record_weight_bits()
