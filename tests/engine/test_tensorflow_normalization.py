@@ -98,3 +98,35 @@ def test_the_head_becomes_one_affine_op_with_the_same_outputs_and_an_identity_st
                                  keras.layers.Normalization(mean=0.0, variance=1.0),
                                  keras.layers.Conv2D(4, 3)])
     assert normalization_as_affine(identity, x) == (identity, [])
+
+
+def test_int8_keeps_a_head_whose_rescaling_shrinks_the_input_to_a_sliver(tmp_path):
+    """Images already scaled to [0, 1] meet the model's Rescaling(1/255): the Normalization,
+    adapted on what it sees, subtracts a mean of ~0.002 and divides by a std of ~0.001. On the
+    DIV's grid every SUB output rounded to zero and PTQ INT8 fell to chance (8% of 10 classes)."""
+    import keras
+    from keras import layers
+
+    from tests.test_full_experiments import prototype_dataset
+
+    x, y = prototype_dataset((16, 16, 3), n=600, classes=CLASSES)
+    assert x.max() <= 1.0
+    (tmp_path / "data.npz").write_bytes(npz_bytes(x, y))
+    dataset = load_dataset(tmp_path / "data.npz", "custom", "NHWC")
+    normalization = layers.Normalization()
+    normalization.adapt(dataset.x_train / 255.0)
+    inputs = keras.Input((16, 16, 3))
+    h = normalization(layers.Rescaling(1.0 / 255.0)(inputs))
+    h = layers.GlobalAveragePooling2D()(layers.Conv2D(16, 3, padding="same", activation="relu")(h))
+    trained = train(keras.Model(inputs, layers.Dense(CLASSES, activation="softmax")(h)),
+                    dataset.x_train, dataset.y_train, epochs=8, learning_rate=1e-2)
+    model = BACKEND.load(save(trained, "keras", tmp_path, "sliver"))
+    float_accuracy = litert_accuracy(BACKEND.export_deploy(model, tmp_path / "fp32.tflite"),
+                                     dataset.x_test, dataset.y_test)
+    assert float_accuracy > 0.9
+
+    result = get_technique("tensorflow", "ptq_int8").optimize(
+        model, TechniqueConfig(output_dir=tmp_path / "int8"), dataset, lambda *_: None)
+
+    assert litert_accuracy(result.artifacts["deploy"], dataset.x_test, dataset.y_test) >= float_accuracy - 0.02
+    assert result.details["normalization_as_affine"]
