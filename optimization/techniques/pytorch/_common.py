@@ -234,12 +234,20 @@ def gemm_to_matmul(path: Path) -> list[str]:
         rewritten.append(node.name)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
+    drop_unused_initializers(graph)
+    onnx.save(model, str(path))
+    return rewritten
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node reads, counting the nodes of If/Loop subgraphs, which read
+    the outer graph's initializers by name (a branch's convolution weights)."""
+    from optimization.safety.onnx_check import all_nodes
+
+    used = {name for node in all_nodes(graph) for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    onnx.save(model, str(path))
-    return rewritten
 
 
 def quantize_matmul_4bit(path: Path, out_path: Path, block_size: int = 32) -> list[str]:
