@@ -5,12 +5,13 @@ serves re-evaluated outside the engine (onnxruntime for .onnx, LiteRT for .tflit
 split. Records per file: the upload's answer, each technique's status or error, and the
 accuracy the results report next to the accuracy of the downloaded file.
 
-PyTorch: timm architectures (random init, trained briefly here) written by tests/foreign.py as
-`.pt2` (dynamic batch), TorchScript `.pt`, and ONNX from torch's dynamo and legacy exporters.
-TensorFlow: Keras 3 models from bench/corpus_tensorflow.py (a hand-written functional CNN,
-keras.applications MobileNetV3Small and EfficientNetB0) as `.keras`, `.h5`, a `model.export()` SavedModel zip and
-a `tf.saved_model.save` zip of the compiled model. 32x32 (one PyTorch file 64x64), 10 classes,
-generated data; the fine-tuning techniques get one epoch (experiment config `{"techniques": {name: {"epochs": 1}}}`).
+PyTorch: timm architectures and a hand-written model with control flow (random init, trained
+briefly here) written by tests/foreign.py as `.pt2` (dynamic batch), TorchScript `.pt` (traced or
+scripted), and ONNX from torch's dynamo and legacy exporters. TensorFlow: Keras 3 models from
+bench/corpus_tensorflow.py (hand-written functional and Sequential CNNs, keras.applications
+MobileNetV3Small and EfficientNetB0) as `.keras`, `.h5`, a `model.export()` SavedModel zip and a
+`tf.saved_model.save` zip of the compiled model. 32x32 or 64x64 (`side`), 10 classes, generated data;
+the fine-tuning techniques get one epoch (experiment config `{"techniques": {name: {"epochs": 1}}}`).
 
 Not a test: `nice -n 10 python bench/acceptance_corpus.py --framework pytorch [--models a,b]
 [--results FILE]`. Results merge into bench/results/acceptance_corpus.json (one entry per file).
@@ -45,6 +46,8 @@ ACCURACY_TOLERANCE = 0.01  # one point
 # name: (timm architecture, file format, side); every family of tests/foreign.py ARCHITECTURES, each
 # format at least twice, TorchScript .pt on three families (its TorchScript -> torch.export
 # conversion is the fragile path), one 64x64 file; the fragile files first so a short run finds them.
+# `.script.pt`: torch.jit.script instead of trace, on two timm families and on tests/foreign.py's
+# hand-written LoopingCNN, whose loop and tensor-valued branch torch.export cannot convert.
 PYTORCH_CORPUS = {
     "convnext_atto.pt": ("convnext_atto", "pt", 32),
     "ghostnet_050.pt": ("ghostnet_050", "pt", 32),
@@ -58,14 +61,29 @@ PYTORCH_CORPUS = {
     "mobilenetv3_small_050.pt2": ("mobilenetv3_small_050", "pt2", 32),
     "tinynet_e.legacy.onnx": ("tinynet_e", "onnx-legacy", 32),
     "resnet10t.dynamo.onnx": ("resnet10t", "onnx-dynamo", 32),
+    "resnet10t.script.pt": ("resnet10t", "pt-script", 32),
+    "mobilenetv3_small_050.script.pt": ("mobilenetv3_small_050", "pt-script", 32),
+    "looping_cnn.script.pt": ("looping_cnn", "pt-script", 32),
 }
+# name: (model builder, file format, side); the Keras applications' .h5 and SavedModel zips, a
+# Sequential model, and 64x64 files besides the 32x32 functional ones.
 TENSORFLOW_CORPUS = {
-    "handwritten_cnn.keras": ("functional_cnn", "keras"),
-    "handwritten_cnn.h5": ("functional_cnn_no_ops", "h5"),
-    "handwritten_cnn_export.zip": ("functional_cnn", "export"),
-    "handwritten_cnn_tf_saved_model.zip": ("functional_cnn", "tf_saved_model"),
-    "mobilenet_v3_small.keras": ("mobilenet_v3_small", "keras"),
-    "efficientnet_b0.keras": ("efficientnet_b0", "keras"),
+    "handwritten_cnn.keras": ("functional_cnn", "keras", 32),
+    "handwritten_cnn.h5": ("functional_cnn_no_ops", "h5", 32),
+    "handwritten_cnn_export.zip": ("functional_cnn", "export", 32),
+    "handwritten_cnn_tf_saved_model.zip": ("functional_cnn", "tf_saved_model", 32),
+    "mobilenet_v3_small.keras": ("mobilenet_v3_small", "keras", 32),
+    "efficientnet_b0.keras": ("efficientnet_b0", "keras", 32),
+    "sequential_cnn.keras": ("sequential_cnn", "keras", 32),
+    "sequential_cnn.h5": ("sequential_cnn", "h5", 32),
+    "mobilenet_v3_small.h5": ("mobilenet_v3_small", "h5", 32),
+    "mobilenet_v3_small_export.zip": ("mobilenet_v3_small", "export", 32),
+    "mobilenet_v3_small_tf_saved_model.zip": ("mobilenet_v3_small", "tf_saved_model", 32),
+    "handwritten_cnn_64.keras": ("functional_cnn", "keras", 64),
+    "mobilenet_v3_small_64.keras": ("mobilenet_v3_small", "keras", 64),
+    "efficientnet_b0.h5": ("efficientnet_b0", "h5", 32),
+    "efficientnet_b0_export.zip": ("efficientnet_b0", "export", 32),
+    "efficientnet_b0_tf_saved_model.zip": ("efficientnet_b0", "tf_saved_model", 32),
 }
 
 
@@ -91,14 +109,17 @@ def build_pytorch(names: list[str], folder: Path, epochs: int):
     """Yields (name, path, x, y) one file at a time, so each file runs as soon as it is written;
     an architecture is trained once per side."""
     from optimization.backends import pytorch as backend
-    from tests.foreign import save, timm_model
+    import torch
+
+    from tests.foreign import LoopingCNN, save, timm_model
 
     trained = {}
     for name in names:
         architecture, file_format, side = PYTORCH_CORPUS[name]
         x, y = data("pytorch", side)
         if (architecture, side) not in trained:
-            module = timm_model(architecture, num_classes=CLASSES)
+            torch.manual_seed(0)
+            module = LoopingCNN(CLASSES) if architecture == "looping_cnn" else timm_model(architecture, CLASSES)
             dataset = type("Train", (), {"x_train": x[:TRAIN], "y_train": y[:TRAIN]})
             backend.train(module, dataset, epochs, 3e-3, lambda *_: None)
             trained[architecture, side] = module.eval()
@@ -113,31 +134,40 @@ def build_pytorch(names: list[str], folder: Path, epochs: int):
 def build_tensorflow(names: list[str], folder: Path, epochs: int):
     from bench import corpus_tensorflow as keras_corpus
 
-    x, y = data("tensorflow")
-
-    builders = {"functional_cnn": lambda: keras_corpus.functional_cnn(),
-                "functional_cnn_no_ops": lambda: keras_corpus.functional_cnn(keras_ops=False),
-                "mobilenet_v3_small": lambda: keras_corpus.keras_application("mobilenet_v3_small"),
-                "efficientnet_b0": lambda: keras_corpus.keras_application("efficientnet_b0")}
+    builders = {"functional_cnn": keras_corpus.functional_cnn,
+                "functional_cnn_no_ops": lambda shape: keras_corpus.functional_cnn(shape, keras_ops=False),
+                "sequential_cnn": keras_corpus.sequential_cnn,
+                "mobilenet_v3_small": lambda shape: keras_corpus.keras_application("mobilenet_v3_small", shape),
+                "efficientnet_b0": lambda shape: keras_corpus.keras_application("efficientnet_b0", shape)}
     trained = {}
     for name in names:
-        builder, file_format = TENSORFLOW_CORPUS[name]
-        if builder not in trained:
-            trained[builder] = keras_corpus.train(builders[builder](), x[:TRAIN], y[:TRAIN], epochs)
-        model, stem = trained[builder], Path(name).stem
-        if file_format == "tf_saved_model":  # what tf.saved_model.save writes for a compiled Keras 3 model
-            import tensorflow as tf
-
-            directory = folder / f"{stem}_dir"
-            tf.saved_model.save(model, str(directory))
-            path = folder / name
-            with zipfile.ZipFile(path, "w") as archive:
-                for file in sorted(directory.rglob("*")):
-                    archive.write(file, file.relative_to(directory))
-            shutil.rmtree(directory)
-        else:
-            path = keras_corpus.save(model, file_format, folder, stem).rename(folder / name)
+        builder, file_format, side = TENSORFLOW_CORPUS[name]
+        x, y = data("tensorflow", side)
+        if (builder, side) not in trained:
+            trained[builder, side] = keras_corpus.train(builders[builder]((side, side, 3)), x[:TRAIN], y[:TRAIN], epochs)
+        model = trained[builder, side]
+        try:
+            path = save_keras(model, file_format, folder, Path(name))
+        except Exception:  # noqa: BLE001 - a file its own framework cannot write is no finding of ours
+            print(f"{name}: could not be written: {traceback.format_exc()[-800:]}", flush=True)
+            continue
         yield name, path, x, y
+
+
+def save_keras(model, file_format: str, folder: Path, name: Path) -> Path:
+    from bench import corpus_tensorflow as keras_corpus
+
+    if file_format != "tf_saved_model":
+        return keras_corpus.save(model, file_format, folder, name.stem).rename(folder / name)
+    import tensorflow as tf  # what tf.saved_model.save writes for a compiled Keras 3 model
+
+    directory = folder / f"{name.stem}_dir"
+    tf.saved_model.save(model, str(directory))
+    with zipfile.ZipFile(folder / name, "w") as archive:
+        for file in sorted(directory.rglob("*")):
+            archive.write(file, file.relative_to(directory))
+    shutil.rmtree(directory)
+    return folder / name
 
 
 # -- through the API -----------------------------------------------------------------------

@@ -103,6 +103,27 @@ def functional_cnn(shape=INPUT_SHAPE, classes: int = CLASSES, keras_ops: bool = 
     return keras.Model(inputs, outputs, name="handwritten_cnn")
 
 
+def sequential_cnn(shape=INPUT_SHAPE, classes: int = CLASSES):
+    """A hand-written Keras 3 Sequential CNN (no functional graph in its config: a list of
+    layers, its input shape in an InputLayer)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential([
+        keras.Input(shape),
+        layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
+        layers.BatchNormalization(momentum=SHORT_TRAINING_BN_MOMENTUM),
+        layers.ReLU(),
+        layers.DepthwiseConv2D(3, padding="same"),
+        layers.Conv2D(32, 1, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, padding="same", activation="relu"),
+        layers.GlobalAveragePooling2D(),
+        layers.Dropout(0.1),
+        layers.Dense(classes, activation="softmax"),
+    ], name="sequential_cnn")
+
+
 def keras_application(name: str, shape=INPUT_SHAPE, classes: int = CLASSES):
     """A Keras 3 keras.applications model, random weights, its BatchNorm made to follow a
     short training (the applications' 0.999 momentum leaves the statistics at their start)."""

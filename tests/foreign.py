@@ -25,7 +25,7 @@ ARCHITECTURES = {
     "resnet": "resnet10t",
     "convnext": "convnext_atto",
 }
-FORMATS = ("pt2", "pt", "onnx-dynamo", "onnx-legacy")
+FORMATS = ("pt2", "pt", "pt-script", "onnx-dynamo", "onnx-legacy")
 
 
 def import_timm():
@@ -42,10 +42,34 @@ def timm_model(name: str, num_classes: int, in_channels: int = 3, seed: int = 0)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
+class LoopingCNN(torch.nn.Module):
+    """Hand-written, with the control flow torch.jit.script keeps and torch.export cannot convert:
+    a branch on the input's values (0-255 images scaled to [0, 1]; the stem is called inside
+    both branches) and a weight-shared refinement block applied `steps` times in a loop."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, steps: int = 2):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(in_channels, width, 3, stride=2, padding=1),
+                                        torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.refine = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1),
+                                          torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.steps = steps
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        if bool(x.max() > 1.0):
+            x = self.stem(x / 255.0)
+        else:
+            x = self.stem(x)
+        for _ in range(self.steps):
+            x = x + self.refine(x)
+        return self.head(x.mean((2, 3)))
+
+
 def save(module: torch.nn.Module, input_shape: tuple, path: Path, file_format: str,
          batch_range: tuple[int, int] = (1, 1024)) -> Path:
     """Write `module` as a user would: `pt2` torch.export with Dim("batch", min, max); `pt`
-    torch.jit.trace; `onnx-dynamo` the dynamo exporter (weights kept inside the file);
+    torch.jit.trace; `pt-script` torch.jit.script; `onnx-dynamo` the dynamo exporter (weights kept inside the file);
     `onnx-legacy` the TorchScript exporter with a dynamic batch axis."""
     module = module.eval()
     example = torch.randn(max(2, batch_range[0]), *input_shape)
@@ -56,6 +80,8 @@ def save(module: torch.nn.Module, input_shape: tuple, path: Path, file_format: s
         torch.export.save(torch.export.export(module, (example,), dynamic_shapes=({0: batch},)), str(path))
     elif file_format == "pt":
         torch.jit.save(torch.jit.trace(module, example), str(path))
+    elif file_format == "pt-script":
+        torch.jit.save(torch.jit.script(module), str(path))
     elif file_format == "onnx-dynamo":
         torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
                           dynamic_shapes=({0: batch},), verbose=False)

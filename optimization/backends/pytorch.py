@@ -265,11 +265,52 @@ def _load_torchscript(path: Path, input_shape: tuple | None, num_classes: int | 
 
     scripted = torch.jit.load(str(path), map_location="cpu").eval()
     example = torch.zeros(2, *input_shape)
-    converted = TS2EPConverter(scripted, (example,)).convert().module()
+    try:
+        converted = TS2EPConverter(scripted, (example,)).convert().module()
+    except Exception as error:  # e.g. a loop or a data-dependent branch: torch.export has no graph for it
+        return _load_torchscript_as_onnx(path, scripted, example, num_classes, _first_line(error))
     _restore_parameters(converted, {name for name, _ in scripted.named_parameters()})
     module, preparation = _prepare_graph(converted, tuple(input_shape))
     classes = num_classes or _output_classes(module, tuple(input_shape))
     return LoadedModel("pytorch", module, tuple(input_shape), classes, path, "pt", preparation=preparation)
+
+
+def _load_torchscript_as_onnx(path: Path, scripted, example: torch.Tensor, num_classes: int | None,
+                              reason: str) -> LoadedModel:
+    """TorchScript that torch.export cannot convert (a `for`/`while` loop, a branch on a tensor's
+    value) still exports to ONNX through the TorchScript exporter, which keeps its control flow
+    as ONNX Loop/If: that file is then loaded as an ONNX upload (post-training techniques; the
+    training ones where onnx2torch gives a trainable module, else skipped with this reason).
+    The file lives in a temporary folder as long as the loaded model."""
+    folder = Path(tempfile.mkdtemp(prefix="edgeopt-torchscript-"))
+    onnx_path = folder / f"{path.stem}.onnx"
+    try:
+        try:
+            torch.onnx.export(scripted, (example,), str(onnx_path), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        except Exception as error:
+            raise InvalidInputError(
+                f"{path.name}: this TorchScript cannot be converted for optimization (torch.export: {reason}; "
+                f"ONNX export: {_first_line(error)}). Save the model with torch.export (.pt2) or "
+                "torch.jit.trace instead of torch.jit.script") from None
+        model = _load_onnx(onnx_path, tuple(example.shape[1:]), num_classes)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(model, shutil.rmtree, folder, True)
+    cannot = (f"torch.export cannot convert this TorchScript ({reason}); it has no graph for a loop or a branch "
+              "on a tensor's value")
+    model.preparation["torchscript"] = f"{cannot}; its ONNX export (torch's TorchScript exporter) is the model optimized"
+    if not model.trainable:
+        model.not_trainable_reason = (f"{cannot} and its ONNX export "
+                                      f"has no trainable PyTorch form ({model.preparation['pytorch_form']['reason']}); "
+                                      "a torch.export .pt2 or a torch.jit.trace .pt can be trained")
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _restore_parameters(module: nn.Module, parameter_names: set[str]) -> None:

@@ -138,6 +138,7 @@ def modularise(module: fx.GraphModule) -> dict[str, int]:
     op alone with call_module nodes of the matching nn layer; returns how many of each. Shared
     (tied) weights and other layouts stay functional. Also lets train()/eval() work again."""
     graph = module.graph
+    _drop_attribute_casts(module)
     counts: dict[str, int] = {}
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -158,6 +159,30 @@ def modularise(module: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
+def _drop_attribute_casts(module: fx.GraphModule) -> None:
+    """Remove casts of a weight to the dtype it has, and checks of its metadata that hold: a
+    TorchScript file's graph reads timm's scripted `Linear` as `F.linear(x, weight.to(x.dtype))`
+    behind `_assert_tensor_metadata(weight)`, so the linear op did not own its weight, stayed
+    functional, and Torch-Pruning cut the channels before it but not its weight (MobileNetV3's
+    channel pruning failed with 'index 1024 is out of bounds for dimension 0 with size 1024')."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (ATEN.to.dtype, ATEN._assert_tensor_metadata.default):
+            continue
+        value = _attribute(module, node.args[0])
+        if value is None:
+            continue
+        args = _arguments(node)
+        if node.target == ATEN.to.dtype:
+            if args["dtype"] == value.dtype and args["memory_format"] in (None, torch.preserve_format):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        elif all(args[key] in (None, expected) for key, expected in (
+                ("size", list(value.shape)), ("stride", list(value.stride())), ("dtype", value.dtype),
+                ("device", value.device), ("layout", value.layout))):
+            graph.erase_node(node)
+
+
 def _arguments(node: fx.Node) -> dict:
     """The op's arguments by schema name, defaults filled in."""
     schema = node.target._schema
@@ -169,7 +194,14 @@ def _arguments(node: fx.Node) -> dict:
 
 def _own_attribute(module: fx.GraphModule, node, consumer: fx.Node):
     """The tensor a get_attr `node` reads when `consumer` is its only user (else None)."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr" or list(node.users) != [consumer]:
+    if not isinstance(node, fx.Node) or list(node.users) != [consumer]:
+        return None
+    return _attribute(module, node)
+
+
+def _attribute(module: fx.GraphModule, node):
+    """The tensor a get_attr `node` reads (else None)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     owner_path, _, name = node.target.rpartition(".")
     value = getattr(module.get_submodule(owner_path), name, None)

@@ -30,7 +30,7 @@ def check_onnx_file(path: Path, label: str, external_files: frozenset[str] = fro
     except Exception as exc:  # protobuf raises its own DecodeError, among others
         raise InvalidInputError(f"{label} is not a readable ONNX model ({type(exc).__name__})") from None
     _check_external_data(model, label, external_files)
-    custom = sorted({node.domain for node in _all_nodes(model.graph)} - RUNTIME_DOMAINS)
+    custom = sorted({node.domain for node in all_nodes(model.graph)} - RUNTIME_DOMAINS)
     if custom:
         raise InvalidInputError(
             f"{label} uses operators from custom domain(s) {', '.join(custom)}, which onnxruntime does not "
@@ -82,11 +82,12 @@ def _check_external_data(model: onnx.ModelProto, label: str, external_files: fro
                 "files beside the model in the archive")
 
 
-def _all_nodes(graph):
+def all_nodes(graph):
+    """Every node of `graph`, those of its If/Loop/Scan subgraphs included."""
     for node in graph.node:
         yield node
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
+                yield from all_nodes(attribute.g)
             for subgraph in attribute.graphs:
-                yield from _all_nodes(subgraph)
+                yield from all_nodes(subgraph)

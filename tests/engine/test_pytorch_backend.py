@@ -94,6 +94,64 @@ def test_a_torchscript_layer_scale_stays_a_parameter_so_channel_pruning_narrows_
     assert any(parameter.shape == (16, 1, 1) for parameter in pruned.parameters())  # the layer scale, halved
 
 
+class CastingLinear(torch.nn.Linear):
+    """timm's Linear: under torch.jit.script it casts its weights to the input's dtype."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(dtype=x.dtype), self.bias.to(dtype=x.dtype))
+
+
+def test_a_scripted_linear_that_casts_its_weights_becomes_a_layer_channel_pruning_narrows(tmp_path):
+    """The TorchScript -> torch.export converter reads such a layer as aten.linear of
+    to(weight) behind an _assert_tensor_metadata(weight): the classifier stayed a functional op
+    and a scripted timm MobileNetV3's channel pruning failed ('index 1024 is out of bounds')."""
+    from optimization.techniques.pytorch._common import prune_channels
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), CastingLinear(32, 10)).eval()
+    torch.jit.save(torch.jit.script(module), tmp_path / "casting.pt")
+
+    model = backend.BACKEND.load(tmp_path / "casting.pt", input_shape=(1, 8, 8))
+
+    assert model.preparation["modules"] == {"Conv2d": 1, "Linear": 1}
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(model.module(x), module(x), atol=1e-5)
+    pruned, _ = prune_channels(model.module, (1, 8, 8), 0.5, round_to=None)
+    assert pruned(x).shape == (3, 10)
+    assert [tuple(p.shape) for p in pruned.parameters() if p.ndim == 2] == [(10, 16)]  # the classifier, narrowed
+
+
+def test_scripted_control_flow_torch_export_cannot_convert_runs_as_its_onnx_export_post_training_only(digits,
+                                                                                                        tmp_path):
+    """torch.jit.script keeps loops and branches on a tensor's value, which the TorchScript ->
+    torch.export converter fails on (the run failed with 'TS2EPConverter failed for node
+    prim::Loop', or for the branch 'RuntimeError when making fake tensor call'). Such a file
+    runs from its ONNX export (Loop/If nodes); training is not
+    possible and the reason says so. INT4 must keep the weights the If/Loop bodies read: it
+    dropped them as unused ('Nodes in a graph must be topologically sorted')."""
+    from optimization.base import TechniqueConfig
+    from optimization.techniques.pytorch.ptq_int4 import Technique
+    from tests.foreign import LoopingCNN
+
+    torch.manual_seed(0)
+    module = LoopingCNN(in_channels=1).eval()
+    torch.jit.save(torch.jit.script(module), tmp_path / "looping.pt")
+
+    model = backend.BACKEND.load(tmp_path / "looping.pt", input_shape=(1, 8, 8))
+
+    assert not model.trainable and "TorchScript" in model.not_trainable_reason
+    assert "torchscript" in model.preparation
+    x = digits.x_test[:20]
+    expected = module(torch.from_numpy(x)).detach().numpy()
+    deploy = backend.BACKEND.export_deploy(model, tmp_path / "baseline.onnx")
+    assert np.allclose(backend.BACKEND.predict(deploy, x), expected, atol=1e-4)
+    assert np.allclose(backend.BACKEND.predict(deploy, x * 255.0), expected, atol=1e-4)  # the other branch
+    result = Technique().optimize(model, TechniqueConfig(tmp_path / "int4", {}), digits, lambda *_: None)
+    int4 = backend.BACKEND.predict(result.artifacts["deploy"], x)
+    assert (int4.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
 def test_state_dict_loads_into_the_named_architecture_with_classes_inferred(tmp_path):
     module = build("mobilenet_v2", 7, 3)
     torch.save(module.state_dict(), tmp_path / "weights.pth")

@@ -131,6 +131,38 @@ def test_int8_qdq_format_is_portable_but_larger_than_qoperator(run, digits, base
     assert accuracy(backend.BACKEND, qdq, digits.x_test, digits.y_test) >= baseline["accuracy"] - 0.05
 
 
+class TwiceAppliedConv(torch.nn.Module):
+    """One convolution applied twice, at different input scales (a weight-shared block, as a
+    scripted loop unrolls to): both Conv nodes read one weight and one bias initializer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        torch.nn.init.constant_(self.conv.bias, 0.5)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.head(torch.relu(self.conv(x * 4.0)).mean((2, 3)))
+
+
+def test_int8_of_a_layer_applied_twice_keeps_each_application_close_to_fp32(tmp_path):
+    """onnxruntime's QOperator quantizer stores a shared bias once, at the first layer's input
+    scale: the second application's bias was off by their ratio (a scripted looping model lost
+    19 points)."""
+    from optimization.techniques.pytorch._common import quantize_int8
+
+    torch.manual_seed(0)
+    fp32 = backend.export_onnx(TwiceAppliedConv().eval(), (4, 8, 8), tmp_path / "fp32.onnx")
+    x = np.random.default_rng(0).random((64, 4, 8, 8), dtype=np.float32)
+    quantized = tmp_path / "int8.onnx"
+
+    quantize_int8(fp32, quantized, x, weight_granularity="per_channel")
+
+    expected, got = backend.BACKEND.predict(fp32, x), backend.BACKEND.predict(quantized, x)
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 def test_unknown_int8_format_fails_the_run_with_the_choices(teacher, digits, tmp_path):
     with pytest.raises(OptionError, match="qoperator"):
         technique("ptq_int8").optimize(teacher, TechniqueConfig(tmp_path, {"format": "tensorrt"}), digits,

@@ -48,6 +48,7 @@ from optimization.base import TechniqueNotApplicable
 from optimization.backends import pytorch as backend
 from optimization.techniques.pytorch._common import (
     PyTorchTechnique,
+    drop_unused_initializers,
     file_size,
     int8_options,
     quantize_int8,
@@ -463,10 +464,7 @@ def _write(model, layers: list[_Layer], bits: dict[str, int], path: Path) -> Non
             nodes.append(rebuilt)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_unused_initializers(graph)
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(out, str(path))
