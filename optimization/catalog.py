@@ -193,6 +193,10 @@ WEIGHT_GRANULARITY = Option(
     "weight_granularity", "choice", "auto",
     "INT8 weight scales: per output channel, per tensor (smaller file), or auto (per tensor when "
     "it agrees with FP32 as well as per channel)", choices=("auto", "per_channel", "per_tensor"))
+AUTO_MAX_DROP_PTS = Option(
+    "auto_max_drop_pts", "float", 0.5,
+    "with auto granularity: per tensor only if it loses at most this many points on training "
+    "samples", minimum=0.0, maximum=100.0, frameworks=("tensorflow",))
 INT8_FORMAT = Option(
     "format", "choice", "qoperator",
     "ONNX INT8 form: qoperator (onnxruntime's QLinear operators, smaller) or qdq (portable)",
@@ -271,9 +275,7 @@ TECHNIQUE_LIST = (
             Option("calibration_samples", "int", 200,
                    "calibration samples the activation ranges are measured on (at most the "
                    "calibration split)", minimum=1, maximum=100000, frameworks=("tensorflow",)),
-            Option("auto_max_drop_pts", "float", 0.5,
-                   "with auto granularity: per tensor only if it loses at most this many points "
-                   "on training samples", minimum=0.0, maximum=100.0, frameworks=("tensorflow",)),
+            AUTO_MAX_DROP_PTS,
         )),
     Technique(
         "ptq_int4", "Post-training INT4",
@@ -302,7 +304,7 @@ TECHNIQUE_LIST = (
                    minimum=0.0, maximum=1.0, frameworks=("pytorch",)),
             Option("accuracy_level", "choice", 4, "MatMulNBits compute precision (onnxruntime: 0 unset, "
                    "1 fp32, 2 fp16, 3 bf16, 4 int8)", choices=(0, 1, 2, 3, 4), frameworks=("pytorch",)),
-            INT8_FORMAT, only(WEIGHT_GRANULARITY, "pytorch"),
+            INT8_FORMAT, WEIGHT_GRANULARITY, AUTO_MAX_DROP_PTS,
         )),
     Technique(
         "prune_unstructured", "Magnitude pruning",

@@ -102,13 +102,15 @@ def test_ptq_int8_per_tensor_stores_one_scale_per_weight_and_is_smaller(runs):
     assert accuracy >= PLAUSIBLE_ACCURACY
 
 
-def test_ptq_int8_auto_granularity_follows_its_rule_on_the_training_split(runs):
-    result, _ = runs("ptq_int8")
+@pytest.mark.parametrize("name, chosen", [("ptq_int8", "weight_granularity"),
+                                          ("ptq_int4", "eight_bit_weight_granularity")])
+def test_auto_granularity_follows_its_rule_on_the_training_split(runs, name, chosen):
+    result, _ = runs(name)
     choice = result.details["granularity_choice"]
     per_tensor = choice["per_tensor_saving"] >= 0.05 and choice["per_tensor_drop_pts_on_train"] <= 0.5
-    assert result.details["weight_granularity"] == ("per_tensor" if per_tensor else "per_channel")
-    assert result.artifacts["deploy"].stat().st_size == choice[result.details["weight_granularity"]]["size_bytes"]
-    assert sorted(p.name for p in result.artifacts["deploy"].parent.glob("*.tflite")) == ["ptq_int8.tflite"]
+    assert result.details[chosen] == ("per_tensor" if per_tensor else "per_channel")
+    assert result.artifacts["deploy"].stat().st_size == choice[result.details[chosen]]["size_bytes"]
+    assert sorted(p.name for p in result.artifacts["deploy"].parent.glob("*.tflite")) == [f"{name}.tflite"]
 
 
 def test_ptq_int4_is_under_20_percent_of_fp32_and_names_the_layers_kept_wider(runs, demo):
@@ -134,6 +136,17 @@ def test_ptq_int4_default_runs_in_one_xnnpack_partition_with_4_bit_dense_weights
                         key=lambda w: w["data"].size)
     assert biggest_dense["weight_bits"] == 4
     assert deploy.stat().st_size < int8_result.artifacts["deploy"].stat().st_size
+
+
+def test_ptq_int4_weight_granularity_sets_the_scales_of_its_8_bit_layers(runs):
+    """w4a8 keeps convolutions 8-bit; their scales follow the option as PTQ INT8's do (the 4-bit
+    dense weights stay one scale per tensor)."""
+    per_channel, _ = runs("ptq_int4", weight_granularity="per_channel")
+    per_tensor, accuracy = runs("ptq_int4", weight_granularity="per_tensor")
+    assert weight_scale_counts(per_tensor.artifacts["deploy"]) == {1}
+    assert max(weight_scale_counts(per_channel.artifacts["deploy"])) > 1
+    assert per_channel.details["eight_bit_weight_granularity"] == "per_channel"
+    assert accuracy >= PLAUSIBLE_ACCURACY
 
 
 def op_names(tflite_path: Path) -> list[str]:
@@ -185,8 +198,8 @@ def test_ptq_int4_w4a8_puts_big_dense_weights_in_4_bits_small_ones_and_convs_in_
 
     float_path, x = pointwise_cnn
     content, _ = pointwise_convs_as_fully_connected(float_path.read_bytes())
-    quantized, samples = quantize_w4a8(content, x)
-    path = write_bytes(quantized, tmp_path / "w4a8.tflite")
+    files, samples = quantize_w4a8(content, x)
+    path = write_bytes(files["per_tensor"], tmp_path / "w4a8.tflite")
     assert samples == len(x)
     float_sizes = [w["data"].size // 4 for w in tflite_weights(float_path)]  # float32 bytes
     bits = [(w["op"], w["weight_bits"], size >= SMALL_LAYER_WEIGHTS)
@@ -196,6 +209,22 @@ def test_ptq_int4_w4a8_puts_big_dense_weights_in_4_bits_small_ones_and_convs_in_
     outputs = BACKEND.predict(path, x)
     reference = BACKEND.predict(float_path, x)
     assert np.corrcoef(outputs.ravel(), reference.ravel())[0, 1] > 0.95  # int8 in, float out
+
+
+def test_w4a8_activation_ranges_cover_every_calibration_sample_not_only_the_last(pointwise_cnn):
+    """Large inputs first, small ones after: a moving average of each sample's range (the
+    quantizer's own calibration) would shrink the range to the small ones and clip the large."""
+    from optimization.backends.tensorflow import pointwise_convs_as_fully_connected, write_bytes
+    from optimization.techniques.tensorflow.ptq_int4 import quantize_w4a8
+
+    float_path, x = pointwise_cnn
+    large, small = 10 * x[:16], 0.1 * x[16:]
+    content, _ = pointwise_convs_as_fully_connected(float_path.read_bytes())
+    files, _ = quantize_w4a8(content, np.concatenate([large, small]))
+    quantized = write_bytes(files["per_tensor"], float_path.parent / "w4a8_ranges.tflite")
+    reference = BACKEND.predict(float_path, large)
+    error = np.abs(BACKEND.predict(quantized, large) - reference).max() / np.abs(reference).max()
+    assert error < 0.1, error
 
 
 @pytest.mark.slow

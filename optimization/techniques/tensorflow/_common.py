@@ -42,6 +42,39 @@ def diagnostic(measure, *args):
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+# ----------------------------------------------------------------------------- weight scales
+
+# "auto" takes per-tensor only for a real saving, not for a few bytes at any accuracy risk
+AUTO_MIN_SAVING = 0.05
+# the accuracy check runs on at most this many training samples
+AUTO_CHECK_SAMPLES = 2000
+
+
+def smaller_unless_less_accurate(per_channel, per_tensor, dataset, max_drop_pts: float):
+    """("per_channel" | "per_tensor", what was measured): the per-tensor file when it is at
+    least AUTO_MIN_SAVING smaller and loses at most `max_drop_pts` on training samples (the test
+    split is not used); the file not chosen is deleted. One scale per weight tensor saves bytes,
+    but where a layer's output channels differ in scale it rounds the small ones away."""
+    from optimization.backends.tensorflow import BACKEND
+    from optimization.evaluator import accuracy
+
+    check_x, check_y = dataset.x_train[:AUTO_CHECK_SAMPLES], dataset.y_train[:AUTO_CHECK_SAMPLES]
+    candidates = {"per_channel": per_channel, "per_tensor": per_tensor}
+    measured = {key: {"size_bytes": path.stat().st_size,
+                      "train_accuracy": accuracy(BACKEND, path, check_x, check_y)}
+                for key, path in candidates.items()}
+    saving = 1 - measured["per_tensor"]["size_bytes"] / measured["per_channel"]["size_bytes"]
+    drop_pts = 100 * (measured["per_channel"]["train_accuracy"] - measured["per_tensor"]["train_accuracy"])
+    chosen = "per_tensor" if saving >= AUTO_MIN_SAVING and drop_pts <= max_drop_pts else "per_channel"
+    candidates["per_channel" if chosen == "per_tensor" else "per_tensor"].unlink()
+    return chosen, {
+        **measured, "per_tensor_saving": round(saving, 4),
+        "per_tensor_drop_pts_on_train": round(drop_pts, 2),
+        "rule": f"per tensor when >= {AUTO_MIN_SAVING:.0%} smaller and <= {max_drop_pts} pt lower on "
+                f"{len(check_x)} training samples (the test split is not used)",
+    }
+
+
 # ----------------------------------------------------------------------------- channel surgery
 
 

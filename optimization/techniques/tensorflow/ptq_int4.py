@@ -5,9 +5,12 @@ activations. LiteRT's XNNPACK delegate runs 4-bit weights only in FULLY_CONNECTE
 included; it never takes a CONV_2D with 4-bit weights, which then falls back to slow built-in
 kernels and splits the graph. So first every pointwise convolution (1x1, stride 1) becomes the
 FULLY_CONNECTED it equals on NHWC (`pointwise_convs_as_fully_connected`, exact), which puts
-most of a MobileNet's weights in 4 bits. Everything else is W8A8 per tensor; fully connected
+most of a MobileNet's weights in 4 bits. Everything else is W8A8; fully connected
 layers with fewer than SMALL_LAYER_WEIGHTS weights stay 8-bit (the most sensitive, ~nothing to
-save); input and output stay float32 like the INT8 file. Weights are 4-bit per tensor with
+save); input and output stay float32 like the INT8 file. The 8-bit weights take one scale per
+tensor or per output channel as PTQ INT8's `weight_granularity` decides ("auto": per tensor
+unless it costs accuracy on training samples; a layer whose channels differ in scale loses its
+small channels to one scale per tensor). Weights are 4-bit per tensor with
 the OCTAV clipping algorithm; activations are calibrated on up to REPRESENTATIVE_SAMPLES
 calibration samples. Measured on the 2-core host, one LiteRT thread: MobileNetV2 alpha 0.35 at
 32x32 is 6.0x smaller than FP32 (INT8: 3.6x) and as fast as INT8, ~1.5x faster than FP32 (its
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow._common import diagnostic
+from optimization.techniques.tensorflow._common import diagnostic, smaller_unless_less_accurate
 
 # w4a8: static (calibrated int8 activations), its pointwise convolutions rewritten as
 # FULLY_CONNECTED, small ones kept 8-bit (see quantize_w4a8); the others: weight-only, dynamic
@@ -85,7 +88,8 @@ class Technique(BaseOptimization):
             convert_to_tflite, pointwise_convs_as_fully_connected, technique_result,
             tflite_weights, write_bytes, xnnpack_partitions)
 
-        scheme = self.options(config)["scheme"]
+        options = self.options(config)
+        scheme = options["scheme"]
         output_dir = Path(config.output_dir)
         progress(0.05, "exporting the FP32 .tflite to quantize", {})
         float_path = convert_to_tflite(model.module, output_dir / f"{self.name}_fp32_source.tflite")
@@ -95,10 +99,22 @@ class Technique(BaseOptimization):
         if scheme == STATIC_SCHEME:
             content, rewritten = pointwise_convs_as_fully_connected(content)
             progress(0.3, f"calibrating int8 activations ({scheme})", {})
-            quantized, samples = quantize_w4a8(content, dataset.x_calib,
-                                               lambda: progress(0.8, f"quantizing ({scheme})", {}))
+            granularity = options["weight_granularity"]
+            files, samples = quantize_w4a8(
+                content, dataset.x_calib, lambda: progress(0.8, f"quantizing ({scheme})", {}),
+                ("per_channel", "per_tensor") if granularity == "auto" else (granularity,))
             details["convs_rewritten_as_fully_connected"] = rewritten
             details["activations"] = f"int8, calibrated on {samples} samples (static)"
+            if granularity == "auto":
+                progress(0.9, "comparing per-channel and per-tensor 8-bit weight scales", {})
+                candidates = {scales: write_bytes(file, output_dir / f"{self.name}_{scales}.tflite")
+                              for scales, file in files.items()}
+                granularity, details["granularity_choice"] = smaller_unless_less_accurate(
+                    candidates["per_channel"], candidates["per_tensor"], dataset,
+                    float(options["auto_max_drop_pts"]))
+                candidates[granularity].unlink()  # written below as the deploy file
+            quantized = files[granularity]
+            details["eight_bit_weight_granularity"] = granularity
         else:
             progress(0.5, f"quantizing weights ({scheme})", {})
             quantized = quantize_weights_only(content, WEIGHT_ONLY_SCHEMES[scheme])
@@ -127,39 +143,68 @@ def why_wider(layer: dict) -> str:
     return WHY_WIDER.get(layer["op"], NOT_QUANTIZED)
 
 
-def quantize_w4a8(content: bytes, calibration_x, before_quantizing=lambda: None
-                  ) -> tuple[bytes, int]:
-    """The static W4A8 file (see the module docstring) and the number of calibration samples."""
+def quantize_w4a8(content: bytes, calibration_x, before_quantizing=lambda: None,
+                  eight_bit_scales=("per_tensor",)) -> tuple[dict[str, bytes], int]:
+    """The static W4A8 file (see the module docstring) for each of `eight_bit_scales` (one scale
+    per weight tensor or per output channel for the layers kept 8-bit; the 4-bit ones are per
+    tensor), and the number of calibration samples. The activation ranges are calibrated once:
+    they do not depend on how the weights are scaled."""
     from ai_edge_litert.interpreter import Interpreter
+
+    from optimization.backends.tensorflow import representative_dataset
+
+    engines = {scales: _w4a8_quantizer(content, scales) for scales in eight_bit_scales}
+    signatures = Interpreter(model_content=content).get_signature_list()
+    key = next(iter(signatures))
+    input_name = signatures[key]["inputs"][0]
+    samples = [{input_name: inputs[0]} for inputs in representative_dataset(calibration_x)()]
+    with quiet_quantizer():
+        calibration = _min_max_calibration(content, next(iter(engines.values())), {key: samples})
+        before_quantizing()
+        files = {scales: bytes(engine.quantize(calibration, enable_progress_bar=False,
+                                               enable_progress_report=False).quantized_model)
+                 for scales, engine in engines.items()}
+    return files, len(samples)
+
+
+def _min_max_calibration(content: bytes, engine, calibration_data: dict) -> dict:
+    """Each activation's range: the lowest and highest value over all calibration samples, as
+    the INT8 converter measures it. The quantizer's own `calibrate` keeps a moving average of
+    each sample's range instead (weight 0.95 on the past), so fed one sample at a time its range
+    is that of the last few dozen samples, and inputs beyond it clip: a small CNN lost 11-32 pt
+    with it where the converter's INT8 lost 0-1."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    recipe = recipe_manager.RecipeManager()
+    recipe.load_quantization_recipe(engine.get_quantization_recipe())
+    calibration = calibrator.Calibrator(content, num_threads=CALIBRATION_THREADS,
+                                        qsv_update_func=qsv_utils.min_max_update)
+    calibration.calibrate(calibration_data, recipe)
+    return calibration.get_model_qsvs()
+
+
+def _w4a8_quantizer(content: bytes, eight_bit_scales: str):
     from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
 
-    from optimization.backends.tensorflow import representative_dataset, tflite_weights
+    from optimization.backends.tensorflow import tflite_weights
 
     ops, granularity = qtyping.TFLOperationName, qtyping.QuantGranularity
     algorithm = algorithm_manager.AlgorithmName
+    eight_bit = granularity.CHANNELWISE if eight_bit_scales == "per_channel" else granularity.TENSORWISE
     engine = quantizer.Quantizer(content)
-    engine.add_static_config(".*", ops.ALL_SUPPORTED, 8, 8, granularity.TENSORWISE)
+    engine.add_static_config(".*", ops.ALL_SUPPORTED, 8, 8, eight_bit)
     engine.add_static_config(".*", ops.FULLY_CONNECTED, 8, 4, granularity.TENSORWISE,
                              algorithm.OCTAV)
     small = [re.escape(weight["output"]) for weight in tflite_weights(content)
              if weight["op"] == "FULLY_CONNECTED"
              and np.prod(weight["weight_shape"]) < SMALL_LAYER_WEIGHTS]
     if small:  # the quantizer matches an op by "<output tensor name>;"
-        engine.add_static_config(f"^(?:{'|'.join(small)});", ops.FULLY_CONNECTED, 8, 8,
-                                 granularity.TENSORWISE)
+        engine.add_static_config(f"^(?:{'|'.join(small)});", ops.FULLY_CONNECTED, 8, 8, eight_bit)
     # float32 input and output, like the converter's INT8 file
     engine.update_quantization_recipe(".*", ops.INPUT, algorithm_key=algorithm.NO_QUANTIZE)
     engine.update_quantization_recipe(".*", ops.OUTPUT, algorithm_key=algorithm.NO_QUANTIZE)
-    signatures = Interpreter(model_content=content).get_signature_list()
-    key = next(iter(signatures))
-    input_name = signatures[key]["inputs"][0]
-    samples = [{input_name: inputs[0]} for inputs in representative_dataset(calibration_x)()]
-    with quiet_quantizer():
-        calibration = engine.calibrate({key: samples}, num_threads=CALIBRATION_THREADS)
-        before_quantizing()
-        result = engine.quantize(calibration, enable_progress_bar=False,
-                                 enable_progress_report=False)
-    return bytes(result.quantized_model), len(samples)
+    return engine
 
 
 def quantize_weights_only(content: bytes, bits_by_op: dict[str, int]) -> bytes:

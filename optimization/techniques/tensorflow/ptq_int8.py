@@ -14,12 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimization.base import BaseOptimization, OptimizedResult, TechniqueConfig
-from optimization.techniques.tensorflow._common import normalization_as_affine
-
-# "auto" takes per-tensor only for a real saving, not for a few bytes at any accuracy risk
-AUTO_MIN_SAVING = 0.05
-# the accuracy check runs on at most this many training samples
-AUTO_CHECK_SAMPLES = 2000
+from optimization.techniques.tensorflow._common import (
+    normalization_as_affine, smaller_unless_less_accurate)
 
 
 class Technique(BaseOptimization):
@@ -34,8 +30,7 @@ class Technique(BaseOptimization):
         return conversions * conversion_seconds(model_info)
 
     def optimize(self, model, config, dataset, progress) -> OptimizedResult:
-        from optimization.backends.tensorflow import BACKEND, convert_to_tflite, technique_result
-        from optimization.evaluator import accuracy
+        from optimization.backends.tensorflow import convert_to_tflite, technique_result
 
         options = self.options(config)
         granularity = options["weight_granularity"]
@@ -50,29 +45,10 @@ class Technique(BaseOptimization):
             progress(0.5, "converting with per-tensor weight scales to compare", {})
             per_tensor = convert_to_tflite(converted, output_dir / f"{self.name}_per_tensor.tflite",
                                            calibration_x, per_channel=False)
-            check_x = dataset.x_train[:AUTO_CHECK_SAMPLES]
-            check_y = dataset.y_train[:AUTO_CHECK_SAMPLES]
-            candidates = {"per_channel": deploy, "per_tensor": per_tensor}
-            measured = {key: {"size_bytes": path.stat().st_size,
-                              "train_accuracy": accuracy(BACKEND, path, check_x, check_y)}
-                        for key, path in candidates.items()}
-            saving = 1 - measured["per_tensor"]["size_bytes"] / measured["per_channel"]["size_bytes"]
-            drop_pts = 100 * (measured["per_channel"]["train_accuracy"]
-                              - measured["per_tensor"]["train_accuracy"])
-            granularity = "per_tensor" if (saving >= AUTO_MIN_SAVING and
-                                           drop_pts <= float(options["auto_max_drop_pts"])) \
-                else "per_channel"
+            granularity, details["granularity_choice"] = smaller_unless_less_accurate(
+                deploy, per_tensor, dataset, float(options["auto_max_drop_pts"]))
             if granularity == "per_tensor":
                 per_tensor.replace(deploy)
-            else:
-                per_tensor.unlink()
-            details["granularity_choice"] = {
-                **measured, "per_tensor_saving": round(saving, 4),
-                "per_tensor_drop_pts_on_train": round(drop_pts, 2),
-                "rule": f"per tensor when >= {AUTO_MIN_SAVING:.0%} smaller and <= "
-                        f"{float(options['auto_max_drop_pts'])} pt lower on {len(check_x)} "
-                        "training samples (the test split is not used)",
-            }
         progress(0.9, "saving the native model", {})
         details = {
             "precision": "int8",
