@@ -200,8 +200,7 @@ def constant_arithmetic(class_name: str, args: list) -> tuple[int, float, float]
     by a tensor, a division by zero, a constant that is not a finite number)."""
     if class_name not in KERAS3_OPS or len(args) != 2:
         return None
-    numbers = [isinstance(arg, (int, float)) and not isinstance(arg, bool) and math.isfinite(arg)
-               for arg in args]
+    numbers = [_finite_number(arg) for arg in args]
     if numbers.count(True) != 1:
         return None
     tensor_index = numbers.index(False)
@@ -214,9 +213,18 @@ def constant_arithmetic(class_name: str, args: list) -> tuple[int, float, float]
         return (tensor_index, 1.0, -constant) if tensor_index == 0 else (tensor_index, -1.0, constant)
     if class_name == "Multiply":
         return tensor_index, constant, 0.0
-    if tensor_index == 0 and constant != 0.0:  # Divide / TrueDivide by a constant
-        return tensor_index, 1.0 / constant, 0.0
+    if tensor_index == 0 and _finite_number(1.0 / constant if constant else math.inf):
+        return tensor_index, 1.0 / constant, 0.0  # Divide / TrueDivide by a constant
     return None
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def h5_constant_arithmetic(spec: dict) -> tuple[int, float, float] | None:
