@@ -111,7 +111,8 @@ def test_a_keras3_h5_dividing_a_number_by_a_tensor_is_refused_saying_save_as_ker
         check_keras_file(path)
 
 
-def test_a_keras3_h5_adding_a_constant_that_is_no_number_is_refused_saying_save_as_keras(tmp_path):
+@pytest.mark.parametrize("constant", ['"3.0"', "1" + "0" * 400], ids=["string", "beyond_float"])
+def test_a_keras3_h5_adding_a_constant_that_is_no_float_is_refused_saying_save_as_keras(tmp_path, constant):
     import h5py
     import keras
 
@@ -120,7 +121,7 @@ def test_a_keras3_h5_adding_a_constant_that_is_no_number_is_refused_saying_save_
     with h5py.File(path, "r+") as h5:
         config = h5.attrs["model_config"]
         config = config.decode() if isinstance(config, bytes) else config
-        h5.attrs["model_config"] = config.replace(", 3.0]", ', "3.0"]')
+        h5.attrs["model_config"] = config.replace(", 3.0]", f", {constant}]")
     with pytest.raises(InvalidInputError, match=r"is called with a constant.*Save the model as \.keras"):
         check_keras_file(path)
 
