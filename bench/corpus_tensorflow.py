@@ -73,7 +73,7 @@ def npz_bytes(x, y, test_fraction: float = 1 / 6) -> bytes:
 def functional_cnn(shape=INPUT_SHAPE, classes: int = CLASSES, keras_ops: bool = True):
     """A hand-written Keras 3 functional CNN. With `keras_ops`, its squeeze-excite gate is
     written as `relu6(x + 3) * (1 / 6)` on tensors (keras.ops nodes in the saved graph, as in
-    MobileNetV3); without, as a hard_sigmoid Activation (Keras 3's .h5 cannot store ops)."""
+    MobileNetV3); without, as a hard_sigmoid Activation (no keras.ops node in the saved graph)."""
     import keras
     from keras import layers
 

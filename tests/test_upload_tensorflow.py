@@ -31,9 +31,12 @@ def tensorflow_files(tmp_path_factory):
 
     inputs = keras.Input((4,))
     custom = keras.Model(inputs, keras.layers.Dense(2)(Doubler()(inputs)))
+    images = keras.Input((8, 8, 3))
+    number_over_tensor = keras.Model(images, keras.layers.GlobalAveragePooling2D()(1.0 / (images + 1.0)))
     return {"keras": save(cnn, "keras", folder, "cnn"),
             "h5": save(functional_cnn(keras_ops=False), "h5", folder, "cnn_plain"),
             "h5_with_ops": save(cnn, "h5", folder, "cnn_ops"),
+            "h5_number_over_tensor": save(number_over_tensor, "h5", folder, "number_over_tensor"),
             "export": save(cnn, "export", folder, "cnn"),
             "savedmodel": save(legacy, "savedmodel", folder, "legacy"),
             "custom": save(custom, "keras", folder, "custom")}
@@ -43,7 +46,7 @@ def upload(client, experiment, path):
     return client.post(f"/api/experiments/{experiment.pk}/upload", {"file": upload_file(path)})
 
 
-@pytest.mark.parametrize("kind", ["keras", "h5", "savedmodel"])
+@pytest.mark.parametrize("kind", ["keras", "h5", "h5_with_ops", "savedmodel"])
 def test_keras3_files_and_a_compiled_savedmodel_are_accepted_for_all_techniques(
         client, new_experiment, tensorflow_files, kind):
     experiment = new_experiment(framework="tensorflow")
@@ -67,7 +70,7 @@ def test_an_exported_savedmodel_is_accepted_and_says_training_techniques_will_be
     assert client.get(f"/api/experiments/{experiment.pk}").json()["config"]["post_training_only"] == note
 
 
-@pytest.mark.parametrize("kind, words", [("custom", "built-in Keras"), ("h5_with_ops", "Save the model as .keras")])
+@pytest.mark.parametrize("kind, words", [("custom", "built-in Keras"), ("h5_number_over_tensor", "Save the model as .keras")])
 def test_keras3_files_that_cannot_be_converted_are_refused_with_what_to_do(
         client, new_experiment, tensorflow_files, kind, words):
     experiment = new_experiment(framework="tensorflow")

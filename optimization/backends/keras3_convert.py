@@ -20,13 +20,18 @@ What the translation changes (everything else passes through unchanged):
 from __future__ import annotations
 
 import inspect
+import json
+import shutil
+from pathlib import Path
 
+import h5py
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from optimization.base import InvalidInputError
-from optimization.safety.keras_check import KERAS3_ACTIVATIONS, KERAS3_OPS
+from optimization.safety.keras_check import (
+    KERAS3_ACTIVATIONS, KERAS3_OPS, constant_arithmetic, h5_constant_arithmetic)
 
 # keyword arguments tf_keras's base Layer takes besides a class's own
 BASE_LAYER_KWARGS = frozenset({"name", "dtype", "trainable", "dynamic", "input_dim", "input_shape",
@@ -112,6 +117,44 @@ def max_output_difference(source, converted, x, batch_size: int = 64) -> float:
     return worst
 
 
+def h5_with_constant_arithmetic_rebuilt(path: Path, folder: Path) -> Path:
+    """Keras 3's .h5 writes keras.ops arithmetic with a number (`x + 3.0`, `x * (1 / 6)` in
+    MobileNetV3's hard_sigmoid) as a layer entry that even Keras 3 cannot load back. Return a
+    copy of `path` in `folder` whose such entries (`h5_constant_arithmetic`) are Rescaling
+    layers computing the same, or `path` itself when it has none. Those entries own no
+    weights and every name stays, so the file's weights load into the copy as saved."""
+    with h5py.File(path, "r") as h5:
+        raw = h5.attrs["model_config"]
+    config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    if not _rescaling_for_constant_arithmetic(config):
+        return path
+    rebuilt = Path(folder) / Path(path).name
+    shutil.copyfile(path, rebuilt)
+    with h5py.File(rebuilt, "r+") as h5:
+        h5.attrs["model_config"] = json.dumps(config).encode("utf-8")
+    return rebuilt
+
+
+def _rescaling_for_constant_arithmetic(node) -> int:
+    """Replace, in place, every `h5_constant_arithmetic` entry of the config tree `node` by
+    the Rescaling layer it equals; the number replaced."""
+    if isinstance(node, list):
+        return sum(_rescaling_for_constant_arithmetic(item) for item in node)
+    if not isinstance(node, dict):
+        return 0
+    found = h5_constant_arithmetic(node)
+    if found is None:
+        return sum(_rescaling_for_constant_arithmetic(value) for value in node.values())
+    tensor_index, scale, offset = found
+    tensor = node["inbound_nodes"][0]["args"][tensor_index]
+    name = node.get("name") or node["config"]["name"]
+    node.clear()
+    node.update({"class_name": "Rescaling", "name": name,
+                 "config": {"name": name, "scale": scale, "offset": offset},
+                 "inbound_nodes": [{"args": [tensor], "kwargs": {}}]})
+    return 1
+
+
 # ----------------------------------------------------------------------------- graph
 
 
@@ -194,21 +237,11 @@ def _op(class_name: str, config: dict, args: list, name: str, node_index: int):
         if merge is None:
             raise InvalidInputError(f"keras.ops.{class_name} of two tensors has no tf_keras layer")
         return merge(name=name + suffix)(args)
-    if len(tensors) != 1 or not isinstance(args[1 - args.index(tensors[0])], (int, float)):
+    found = constant_arithmetic(class_name, args)
+    if found is None:
         raise InvalidInputError(f"keras.ops.{class_name} with these arguments is not supported")
-    tensor_first = args[0] is tensors[0]
-    constant = float(args[1] if tensor_first else args[0])
-    if class_name == "Add":
-        scale, offset = 1.0, constant
-    elif class_name == "Subtract":
-        scale, offset = (1.0, -constant) if tensor_first else (-1.0, constant)
-    elif class_name == "Multiply":
-        scale, offset = constant, 0.0
-    elif tensor_first:  # Divide / TrueDivide by a constant
-        scale, offset = 1.0 / constant, 0.0
-    else:
-        raise InvalidInputError(f"keras.ops.{class_name}(constant, tensor) is not supported")
-    return tf_keras.layers.Rescaling(scale, offset, name=name + suffix)(tensors[0])
+    tensor_index, scale, offset = found
+    return tf_keras.layers.Rescaling(scale, offset, name=name + suffix)(args[tensor_index])
 
 
 # ----------------------------------------------------------------------------- layers

@@ -181,12 +181,15 @@ class TensorFlowBackend:
 def _load_keras3(path: Path):
     """(the Keras 3 model, its tf_keras conversion, what the conversion did). Keras 3 is
     `import keras` even with TF_USE_LEGACY_KERAS set; safe_mode refuses code in `.keras`, and
-    `check_keras_file` has refused it in both formats already."""
+    `check_keras_file` has refused it in both formats already. An `.h5` whose keras.ops
+    arithmetic with a number Keras 3 cannot read back is loaded from a rebuilt copy."""
     import keras as keras3
 
-    from optimization.backends.keras3_convert import to_tf_keras
+    from optimization.backends.keras3_convert import h5_with_constant_arithmetic_rebuilt, to_tf_keras
 
-    source = keras3.saving.load_model(path, compile=False, safe_mode=True)
+    with tempfile.TemporaryDirectory() as folder:
+        readable = h5_with_constant_arithmetic_rebuilt(path, folder) if path.suffix.lower() == ".h5" else path
+        source = keras3.saving.load_model(readable, compile=False, safe_mode=True)
     converted, dropped = to_tf_keras(source)
     preparation = {"converted_from": f"Keras {keras3.__version__}"}
     if dropped:

@@ -14,6 +14,7 @@ Imports only the standard library and h5py: the web process calls this on upload
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -88,7 +89,9 @@ KERAS3_ACTIVATIONS = frozenset({
 # tensors)
 KERAS3_OPS = frozenset({"Add", "Subtract", "Multiply", "Divide", "TrueDivide"})
 H5_OPS_ADVICE = ("how Keras 3's .h5 format records keras.ops arithmetic such as `x + 3.0` or "
-                 "`x / 255.0`; even Keras 3 cannot load that back. Save the model as .keras and upload that.")
+                 "`x / 255.0`; even Keras 3 cannot load that back. EdgeOpt rebuilds only a tensor "
+                 "and a finite number combined by +, -, * or / (not a number divided by a tensor). "
+                 "Save the model as .keras and upload that.")
 # a model's training setup is not loaded (compile=False): its optimizer ("Custom>Adam" in a
 # compiled tf_keras SavedModel), losses and metrics are not checked
 TRAINING_KEYS = frozenset({"compile_config", "training_config"})
@@ -154,7 +157,8 @@ def check_keras_config(config: dict) -> None:
 def check_keras3_convertible(config: dict, filename: str) -> None:
     """Raise InvalidInputError for what the Keras 3 -> tf_keras conversion cannot rebuild:
     activations and `keras.ops` nodes it does not know, and constants passed positionally to
-    a layer (how Keras 3's .h5 format records `x + 3.0`; Keras 3 itself cannot load that)."""
+    a layer (how Keras 3's .h5 format records `x + 3.0`; Keras 3 itself cannot load that)
+    unless it is arithmetic with a number that the loader rebuilds (`h5_constant_arithmetic`)."""
     advice = ("EdgeOpt runs TensorFlow techniques on tf_keras, so a Keras 3 model is converted "
               "layer by layer. Use built-in Keras layers and activations, or save the model with "
               "tf_keras, and upload it again.")
@@ -179,13 +183,66 @@ def check_keras3_convertible(config: dict, filename: str) -> None:
                 raise InvalidInputError(
                     f"{filename}: layer '{_layer_name(node)}' uses the activation {activation!r}, "
                     f"which tf_keras does not have. {advice}")
-        for inbound in [] if is_op else node.get("inbound_nodes") or []:
+        inbound_nodes = [] if is_op or h5_constant_arithmetic(node) else node.get("inbound_nodes") or []
+        for inbound in inbound_nodes:
             arguments = inbound.get("args", []) if isinstance(inbound, dict) else []
-            if any(isinstance(value, (int, float)) for value in arguments):
+            if any(isinstance(value, (str, int, float)) for value in arguments):
                 raise InvalidInputError(
                     f"{filename}: layer '{_layer_name(node)}' is called with a constant, "
                     f"{H5_OPS_ADVICE}")
         stack.extend(value for key, value in node.items() if key not in TRAINING_KEYS)
+
+
+def constant_arithmetic(class_name: str, args: list) -> tuple[int, float, float] | None:
+    """keras.ops `class_name` applied to one tensor and one number (`x + 3.0`, `2.0 - x`,
+    `x * (1 / 6)`, `x / 255.0`) as (the tensor's position in `args`, scale, offset) with
+    result = tensor * scale + offset; None for anything else (two tensors, a number divided
+    by a tensor, a division by zero, a constant that is not a finite number)."""
+    if class_name not in KERAS3_OPS or len(args) != 2:
+        return None
+    numbers = [_finite_number(arg) for arg in args]
+    if numbers.count(True) != 1:
+        return None
+    tensor_index = numbers.index(False)
+    if isinstance(args[tensor_index], (str, bytes, bool, int, float, type(None))):
+        return None  # the other operand is no tensor either (NaN, a string)
+    constant = float(args[1 - tensor_index])
+    if class_name == "Add":
+        return tensor_index, 1.0, constant
+    if class_name == "Subtract":
+        return (tensor_index, 1.0, -constant) if tensor_index == 0 else (tensor_index, -1.0, constant)
+    if class_name == "Multiply":
+        return tensor_index, constant, 0.0
+    if tensor_index == 0 and _finite_number(1.0 / constant if constant else math.inf):
+        return tensor_index, 1.0 / constant, 0.0  # Divide / TrueDivide by a constant
+    return None
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def h5_constant_arithmetic(spec: dict) -> tuple[int, float, float] | None:
+    """`constant_arithmetic` of a layer entry as Keras 3's .h5 writes a keras.ops node (a
+    Keras layer's class name, no module, called once with a tensor and a number positionally);
+    None for any other entry."""
+    nodes = spec.get("inbound_nodes")
+    if spec.get("module") is not None or not isinstance(nodes, list) or len(nodes) != 1:
+        return None
+    node = nodes[0]
+    if not isinstance(node, dict) or node.get("kwargs") or not isinstance(node.get("args"), list):
+        return None
+    found = constant_arithmetic(spec.get("class_name"), node["args"])
+    if found is None:
+        return None
+    tensor = node["args"][found[0]]
+    is_tensor = isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__"
+    return found if is_tensor else None
 
 
 def _check_class_spec(spec: dict) -> None:
@@ -199,9 +256,10 @@ def _check_class_spec(spec: dict) -> None:
         )
     if name in CODE_LAYERS:
         return
-    keras3_op = name in KERAS3_OPS and str(module or "").startswith("keras.src.ops")
-    if name in KERAS3_OPS and module is None and name not in ALLOWED_LAYERS:
-        # no Keras layer by this name: a keras.ops node (`x / 255.0`) as Keras 3's .h5 writes it
+    keras3_op = (name in KERAS3_OPS and str(module or "").startswith("keras.src.ops")
+                 or h5_constant_arithmetic(spec) is not None)  # the loader rebuilds it as Rescaling
+    if name in KERAS3_OPS and module is None and name not in ALLOWED_LAYERS and not keras3_op:
+        # no Keras layer by this name: a keras.ops node (`1.0 / x`) as Keras 3's .h5 writes it
         raise InvalidInputError(f"layer {_layer_name(spec)!r} is keras.ops {name}, {H5_OPS_ADVICE}")
     if name not in ALLOWED_LAYERS and name not in ALLOWED_HELPERS and not keras3_op:
         raise UnsafeModelError(
