@@ -172,11 +172,11 @@ def _unshare_biases(path: Path) -> None:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
             continue
         if node.input[2] in seen:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(initializers[node.input[2]])
-            copy.name = f"{node.input[2]}_for_node_{index}"
-            graph.initializer.append(copy)
-            node.input[2], copied = copy.name, True
+            own_bias = onnx.TensorProto()
+            own_bias.CopyFrom(initializers[node.input[2]])
+            own_bias.name = f"{node.input[2]}_for_node_{index}"
+            graph.initializer.append(own_bias)
+            node.input[2], copied = own_bias.name, True
         seen.add(node.input[2])
     if copied:
         onnx.save(model, str(path))

@@ -96,6 +96,7 @@ class Technique(BaseOptimization):
         content = float_path.read_bytes()
         float_path.unlink()
         details = {"precision": "int4", "scheme": scheme}
+        deploy = output_dir / f"{self.name}.tflite"
         if scheme == STATIC_SCHEME:
             content, rewritten = pointwise_convs_as_fully_connected(content)
             progress(0.3, f"calibrating int8 activations ({scheme})", {})
@@ -112,15 +113,15 @@ class Technique(BaseOptimization):
                 granularity, details["granularity_choice"] = smaller_unless_less_accurate(
                     candidates["per_channel"], candidates["per_tensor"], dataset,
                     float(options["auto_max_drop_pts"]))
-                candidates[granularity].unlink()  # written below as the deploy file
-            quantized = files[granularity]
+                candidates[granularity].replace(deploy)
+            else:
+                write_bytes(files[granularity], deploy)
             details["eight_bit_weight_granularity"] = granularity
         else:
             progress(0.5, f"quantizing weights ({scheme})", {})
-            quantized = quantize_weights_only(content, WEIGHT_ONLY_SCHEMES[scheme])
+            write_bytes(quantize_weights_only(content, WEIGHT_ONLY_SCHEMES[scheme]), deploy)
             details["activations"] = ("float32, quantized on the fly by the integer kernels "
                                       "(dynamic range)")
-        deploy = write_bytes(quantized, output_dir / f"{self.name}.tflite")
         progress(0.95, "saving", {})
         layers = [{key: w[key] for key in ("op", "weight", "weight_bits")}
                   for w in tflite_weights(deploy)]
